@@ -1,0 +1,482 @@
+"""A Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16 Words", 2020), from scratch.
+
+Read it top to bottom: the model (patches -> tokens -> transformer blocks -> class token -> head),
+then the data, the training loop, the plots and the command line. `python vit.py --help` lists options.
+"""
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+# ---------------------------------------------------------------------------------------- model
+
+
+class PatchEmbedding(nn.Module):
+    """Cut the image into p x p patches, flatten each in (c, p1, p2) order and project it to a token.
+
+    This is exactly a convolution with kernel p and stride p, written as the paper says it.
+    """
+
+    def __init__(self, image_size, patch_size, channels, dim):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        self.image_size, self.patch_size, self.channels = image_size, patch_size, channels
+        self.proj = nn.Linear(channels * patch_size**2, dim)
+
+    def forward(self, images):  # (b, c, h, w)
+        want = (self.channels, self.image_size, self.image_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != want:
+            raise ValueError(f"expected images of shape (batch, {', '.join(map(str, want))}), got {tuple(images.shape)}")
+        p = self.patch_size
+        patches = rearrange(images, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)  # (b, n, c*p*p)
+        return self.proj(patches)  # (b, n, dim)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: in each head softmax(q k^T / sqrt(d)) v, the heads concatenated and projected."""
+
+    def __init__(self, dim, heads, dropout=0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)  # queries, keys and values of every head in one matmul
+        self.proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, return_weights=False):  # (b, n, dim)
+        q, k, v = rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads)  # (b, h, n, d) each
+        if return_weights:  # the explicit math, so that the attention weights can be looked at
+            weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)  # (b, h, n, n)
+            out = weights @ v  # (b, h, n, d)
+        else:  # the same result from one fused kernel, without storing the (n, n) weights
+            weights, out = None, F.scaled_dot_product_attention(q, k, v)
+        out = rearrange(out, "b h n d -> b n (h d)")
+        return self.drop(self.proj(out)), weights  # (b, n, dim), (b, h, n, n) or None
+
+
+class MLP(nn.Module):
+    """Two linear layers with a GELU between, applied to every token on its own."""
+
+    def __init__(self, dim, hidden_dim, dropout=0.0):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden_dim), nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):  # (b, n, dim)
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))  # (b, n, dim)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim, heads, mlp_dim, dropout=0.0):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads, dropout)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), MLP(dim, mlp_dim, dropout)
+
+    def forward(self, x, return_weights=False):  # (b, n, dim)
+        out, weights = self.attn(self.norm1(x), return_weights)
+        x = x + out
+        x = x + self.mlp(self.norm2(x))
+        return x, weights  # (b, n, dim), (b, heads, n, n) or None
+
+
+class ViT(nn.Module):
+    """Patches become tokens, a class token is prepended, positions are added, blocks mix the tokens,
+    and a linear head reads the class token out."""
+
+    def __init__(self, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels=3, dropout=0.0):
+        super().__init__()
+        self.config = dict(image_size=image_size, patch_size=patch_size, num_classes=num_classes, dim=dim,
+                           depth=depth, heads=heads, mlp_dim=mlp_dim, channels=channels, dropout=dropout)
+        self.patch_embed = PatchEmbedding(image_size, patch_size, channels, dim)
+        num_patches = (image_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embedding = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.pos_embedding, std=0.02)
+        for module in self.modules():  # as torchvision and timm do
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, images, return_weights=False):  # (b, c, h, w)
+        x = self.patch_embed(images)  # (b, n, dim)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (b, 1, dim)
+        x = self.drop(torch.cat([cls, x], dim=1) + self.pos_embedding)  # (b, n + 1, dim)
+        weights = []
+        for block in self.blocks:
+            x, w = block(x, return_weights)
+            weights.append(w)
+        logits = self.head(self.norm(x[:, 0]))  # (b, num_classes), read from the class token
+        return (logits, weights) if return_weights else logits
+
+
+def from_torchvision(tv, num_classes=None):
+    """Our ViT holding the weights of a torchvision.models.VisionTransformer; it gives the same logits.
+
+    With num_classes other than tv's, the head is new (zeros), ready for fine-tuning.
+    """
+    if tv.representation_size is not None or "conv_proj" not in tv._modules:
+        raise ValueError("from_torchvision takes a ViT with a patch convolution and a plain linear head")
+    layers = list(tv.encoder.layers)
+    model = ViT(tv.image_size, tv.patch_size, tv.num_classes, tv.hidden_dim, len(layers), layers[0].num_heads,
+                tv.mlp_dim, dropout=tv.dropout)
+    theirs = tv.state_dict()
+    ours = {"patch_embed.proj.weight": theirs["conv_proj.weight"].flatten(1),  # (dim, c, p, p) -> (dim, c*p*p)
+            "patch_embed.proj.bias": theirs["conv_proj.bias"], "cls_token": theirs["class_token"],
+            "pos_embedding": theirs["encoder.pos_embedding"], "norm.weight": theirs["encoder.ln.weight"],
+            "norm.bias": theirs["encoder.ln.bias"], "head.weight": theirs["heads.head.weight"],
+            "head.bias": theirs["heads.head.bias"]}
+    names = {"norm1.": "ln_1.", "attn.qkv.": "self_attention.in_proj_", "attn.proj.": "self_attention.out_proj.",
+             "norm2.": "ln_2.", "mlp.fc1.": "mlp.0.", "mlp.fc2.": "mlp.3."}
+    for i in range(len(layers)):
+        for our, their in names.items():
+            for p in ("weight", "bias"):
+                ours[f"blocks.{i}.{our}{p}"] = theirs[f"encoder.layers.encoder_layer_{i}.{their}{p}"]
+    model.load_state_dict(ours)
+    if num_classes is not None and num_classes != tv.num_classes:
+        model.head = nn.Linear(tv.hidden_dim, num_classes)
+        nn.init.zeros_(model.head.weight), nn.init.zeros_(model.head.bias)
+        model.config["num_classes"] = num_classes
+    return model
+
+# ----------------------------------------------------------------------------------------- data
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision's weights expect
+PET_CLASSES = 37
+
+
+def decode(dataset, image_size, workers, name):
+    """Decode every image once, resized (shorter side) and centre-cropped: uint8 (n, 3, s, s), labels (n,)."""
+    from torch.utils.data import DataLoader
+    images, labels = [], []
+    for x, y in DataLoader(dataset, batch_size=64, num_workers=workers):
+        images.append(x), labels.append(y)
+        print(f"\rdecoding {name}: {sum(map(len, labels))}/{len(dataset)} images", end="", flush=True)
+    print()
+    return torch.cat(images), torch.cat(labels)
+
+
+def load_data(data_dir, split, image_size, workers, fake=False):
+    """Oxford-IIIT Pet (downloaded when missing) or, with fake=True, torchvision's FakeData of the same shape.
+
+    Pet is cached as uint8 tensors in data_dir, so later runs skip the JPEG decoding.
+    """
+    import torchvision.transforms as T
+    from torchvision.datasets import FakeData, OxfordIIITPet
+    transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
+    if fake:
+        size, offset = (256, 0) if split == "trainval" else (128, 256)
+        return decode(FakeData(size, (3, image_size, image_size), PET_CLASSES, transform, random_offset=offset),
+                      image_size, workers, f"fake {split}")
+    cache = Path(data_dir) / f"pet-{split}-{image_size}px.pt"
+    if cache.exists():
+        return torch.load(cache, weights_only=True)
+    data = decode(OxfordIIITPet(data_dir, split, transform=transform, download=True), image_size, workers, f"Pet {split}")
+    try:
+        write_whole(cache, lambda f: torch.save(data, f))
+    except OSError:  # a read-only data folder: decode again next time
+        pass
+    return data
+
+
+def augment(x, min_scale=0.25):  # (b, c, s, s) float
+    """Random resized crop (area min_scale..1, aspect 3/4..4/3) and horizontal flip of each image, in one resampling."""
+    b = x.shape[0]
+    area = torch.empty(b).uniform_(min_scale, 1)
+    aspect = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3)).exp()
+    w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # crop size, fraction of side
+    cx, cy = (torch.rand(b) * 2 - 1) * (1 - w), (torch.rand(b) * 2 - 1) * (1 - h)  # crop centre, in [-1, 1]
+    flip = torch.where(torch.rand(b) < 0.5, -1.0, 1.0)
+    zero = torch.zeros(b)
+    theta = torch.stack([torch.stack([w * flip, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)  # (b, 2, 3)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)  # (b, s, s, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+class Batches:
+    """Mini-batches from uint8 images kept on the device; for training shuffled, and augmented a batch at a time."""
+
+    def __init__(self, images, labels, batch_size, device, train=False):
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.batch_size, self.train = batch_size, train
+        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+
+    def __len__(self):  # training drops the last incomplete batch, so every step sees batch_size images
+        n = len(self.images)
+        return max(1, n // self.batch_size) if self.train else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.images)
+        order = torch.randperm(n) if self.train else torch.arange(n)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.images.device)
+            x = (self.images[idx].float() - self.mean) / self.std  # (b, 3, s, s)
+            yield (augment(x) if self.train else x), self.labels[idx]
+
+# ------------------------------------------------------------------------------------- training
+
+
+def write_whole(path, write):
+    """Write to a temporary name, then rename: a crash never leaves half a file behind."""
+    tmp = Path(f"{path}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def train_step(model, opt, x, y, label_smoothing):
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=x.device.type == "cuda"):
+        loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(model, loader):
+    """Mean cross-entropy and accuracy (a fraction) over a loader."""
+    model.eval()
+    loss = correct = count = 0
+    for x, y in loader:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=x.device.type == "cuda"):
+            logits = model(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(-1) == y).sum()
+        count += len(y)
+    return (loss / count).item(), (correct / count).item()
+
+
+def train(model, train_loader, test_loader, epochs, lr=1e-3, weight_decay=0.05, warmup=5, label_smoothing=0.1,
+          compile=False, checkpoint=None, resume=None):
+    """AdamW on cross-entropy; the lr warms up linearly for `warmup` epochs, then decays to zero on a cosine.
+
+    Each epoch is saved to `checkpoint` (model, optimiser, epoch, history, RNG state) if given; `resume` takes
+    such a saved state and goes on from it. Ctrl-C stops after the last whole epoch. Returns per-epoch lists.
+    """
+    decay = [p for p in model.parameters() if p.ndim == 2]  # matrices decay; biases, norms, cls, pos do not
+    rest = [p for p in model.parameters() if p.ndim != 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}], lr)
+    history = {"train_loss": [], "test_loss": [], "test_acc": [], "lr": [], "train_images_per_s": []}
+    if resume:
+        model.load_state_dict(resume["model"]), opt.load_state_dict(resume["optimizer"])
+        history = resume["history"]
+        torch.set_rng_state(resume["rng"])
+    fast = torch.compile(model) if compile else model
+    steps, warmup_steps, start = epochs * len(train_loader), warmup * len(train_loader), len(history["test_acc"])
+    t_start = time.perf_counter()
+    try:
+        for epoch in range(start, epochs):
+            fast.train()
+            total, t0 = 0.0, time.perf_counter()
+            for i, (x, y) in enumerate(train_loader):
+                step = epoch * len(train_loader) + i
+                scale = step / warmup_steps if step < warmup_steps else 0.5 * (1 + math.cos(math.pi * step / steps))
+                for group in opt.param_groups:
+                    group["lr"] = lr * scale
+                total += train_step(fast, opt, x, y, label_smoothing)
+            images_per_s = len(train_loader) * train_loader.batch_size / (time.perf_counter() - t0)
+            test_loss, test_acc = evaluate(fast, test_loader)
+            for key, value in zip(history, (total.item() / len(train_loader), test_loss, test_acc, lr * scale,
+                                            images_per_s)):
+                history[key].append(value)
+            left = (time.perf_counter() - t_start) / (epoch + 1 - start) * (epochs - epoch - 1)
+            print(f"epoch {epoch + 1:4d}/{epochs}  train loss {history['train_loss'][-1]:.3f}  test loss "
+                  f"{test_loss:.3f}  test acc {test_acc:6.1%}  {images_per_s:5.0f} img/s  {left / 60:5.1f} min left")
+            if checkpoint:
+                state = {"model": model.state_dict(), "config": model.config, "history": history,
+                         "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}
+                write_whole(checkpoint, lambda f: torch.save(state, f))
+    except KeyboardInterrupt:
+        print(f"interrupted: {checkpoint} holds epoch {len(history['test_acc'])}; --resume goes on from there")
+    return history
+
+
+def step_speed(model, x, y, steps=10, compile=False):
+    """Images/s of the bare training step (no data loading), on a copy of the model and one fixed batch."""
+    model = copy.deepcopy(model)
+    fast, opt = torch.compile(model) if compile else model, torch.optim.AdamW(model.parameters())
+    for i in range(steps + 3):  # 3 warm-up steps
+        if i == 3:
+            t0 = time.perf_counter()
+        loss = train_step(fast.train(), opt, x, y, 0.0)
+    loss.item()  # waits for the device
+    return steps * len(x) / (time.perf_counter() - t0)
+
+
+def count_flops(model):
+    """Forward FLOPs for one image (a multiply-add counts 2), counted on the explicit attention path."""
+    from torch.utils.flop_counter import FlopCounterMode
+    s, c = model.config["image_size"], model.config["channels"]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, c, s, s, device=next(model.parameters()).device), return_weights=True)
+    return counter.get_total_flops()
+
+# ---------------------------------------------------------------------------------------- plots
+
+
+@torch.no_grad()
+def attention_rollout(model, images):  # (b, c, s, s) normalised
+    """Where the class token looks: attention rolled out through all layers (Abnar & Zuidema, 2020), heads
+    averaged and the residual path counted as (A + I) / 2. Returns (b, s/p, s/p) maps that sum to 1."""
+    model.eval()
+    _, weights = model(images, return_weights=True)  # depth x (b, heads, n + 1, n + 1), the explicit path
+    eye = torch.eye(weights[0].shape[-1], device=images.device)
+    rollout = eye
+    for w in weights:
+        rollout = (w.float().mean(dim=1) + eye) / 2 @ rollout  # (b, n + 1, n + 1)
+    cls = rollout[:, 0, 1:]  # (b, n): the class token's row, over the patches
+    side = images.shape[-1] // model.config["patch_size"]
+    return (cls / cls.sum(-1, keepdim=True)).view(-1, side, side)
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    write_whole(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot_patches(image, patch_size, path):  # uint8 (3, s, s)
+    import matplotlib.pyplot as plt
+    patches = rearrange(image, "c (h p1) (w p2) -> h w c p1 p2", p1=patch_size, p2=patch_size)
+    grid = rearrange(F.pad(patches, (1, 1, 1, 1), value=255), "h w c p1 p2 -> (h p1) (w p2) c")  # white gaps
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
+    axes[0].imshow(image.permute(1, 2, 0).numpy()), axes[0].set_title(f"image, {image.shape[-1]} px")
+    axes[1].imshow(grid.numpy()), axes[1].set_title(f"{patches.shape[0] * patches.shape[1]} patches of {patch_size} px")
+    [ax.axis("off") for ax in axes]
+    save_figure(fig, path)
+
+
+def plot_history(history, path):
+    import matplotlib.pyplot as plt
+    epochs = range(1, len(history["train_loss"]) + 1)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, history["train_loss"], label="train"), left.plot(epochs, history["test_loss"], label="test")
+    left.set(xlabel="epoch", ylabel="cross-entropy loss"), left.legend()
+    right.plot(epochs, history["test_acc"]), right.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1))
+    save_figure(fig, path)
+
+
+def plot_attention(model, images, path):  # uint8 (k, 3, s, s)
+    import matplotlib.pyplot as plt
+    x = Batches(images, torch.zeros(len(images)), len(images), next(model.parameters()).device)
+    maps = attention_rollout(model, next(iter(x))[0])  # (k, s/p, s/p)
+    maps = F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear")[:, 0].cpu()  # (k, s, s)
+    fig, axes = plt.subplots(2, len(images), figsize=(2.5 * len(images), 5), squeeze=False)
+    for image, heat, top, bottom in zip(images, maps, *axes):
+        top.imshow(image.permute(1, 2, 0).numpy()), bottom.imshow(image.permute(1, 2, 0).numpy())
+        bottom.imshow(heat.numpy(), cmap="inferno", alpha=0.6), top.axis("off"), bottom.axis("off")
+    fig.suptitle("class-token attention, rolled out over all layers")
+    save_figure(fig, path)
+
+# ----------------------------------------------------------------------------------- command line
+
+
+def parse_args(argv):
+    def positive(text):
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+        return int(text)
+
+    p = argparse.ArgumentParser(description="Train a Vision Transformer on Oxford-IIIT Pet and plot what it learned.")
+    p.add_argument("--data-dir", default="./data", help="where Oxford-IIIT Pet is, or is downloaded to")
+    p.add_argument("--out-dir", default="./out", help="for vit.pt, patches.png, loss.png, attention.png")
+    p.add_argument("--epochs", type=positive, default=100)
+    p.add_argument("--batch-size", type=positive, default=32)
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3, or 1e-4 with --pretrained)")
+    p.add_argument("--image-size", type=positive, default=96)
+    p.add_argument("--patch-size", type=positive, default=8)
+    p.add_argument("--dim", type=positive, default=192)
+    p.add_argument("--depth", type=positive, default=6)
+    p.add_argument("--heads", type=positive, default=3)
+    p.add_argument("--mlp-dim", type=positive, default=384)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cuda", "mps", "cpu"], help="default: cuda, then mps, then cpu")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding JPEGs")
+    p.add_argument("--fake-data", action="store_true", help="random images instead of Pet: runs offline in seconds")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--pretrained", action="store_true", help="fine-tune torchvision's ImageNet ViT-B/16 at 224 px")
+    p.add_argument("--resume", action="store_true", help="continue from --out-dir/vit.pt")
+    args = p.parse_args(argv)
+    if args.image_size % args.patch_size:
+        p.error(f"--patch-size {args.patch_size} does not divide --image-size {args.image_size}")
+    if args.dim % args.heads:
+        p.error(f"--heads {args.heads} does not divide --dim {args.dim}")
+    if args.lr is not None and not 0 < args.lr < 1:
+        p.error(f"--lr must be between 0 and 1, got {args.lr}")
+    if args.workers < 0:
+        p.error(f"--workers must be 0 or more, got {args.workers}")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if args.device and not available[args.device]:
+        p.error(f"--device {args.device} is not available on this machine")
+    args.device = args.device or next(d for d, ok in available.items() if ok)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = config = None
+    if args.resume:
+        if not (out / "vit.pt").exists():
+            sys.exit(f"error: --resume found no checkpoint at {out / 'vit.pt'}")
+        state = torch.load(out / "vit.pt", map_location=args.device, weights_only=True)
+        config = state["config"]
+    elif args.pretrained:
+        import torchvision
+        try:
+            tv = torchvision.models.vit_b_16(weights="IMAGENET1K_V1")
+        except (OSError, RuntimeError) as e:
+            sys.exit(f"error: could not download torchvision's ViT-B/16 ImageNet weights ({e}).\n"
+                     "Connect to the internet once (torch caches them), or train from scratch without --pretrained.")
+        config = dict(image_size=tv.image_size)
+    size = config["image_size"] if config else args.image_size
+    try:
+        train_data, test_data = (load_data(args.data_dir, s, size, args.workers, args.fake_data) for s in ("trainval", "test"))
+    except (OSError, RuntimeError) as e:  # the last line: a worker's error comes with its traceback
+        sys.exit(f"error: could not load Oxford-IIIT Pet from {args.data_dir} ({str(e).splitlines()[-1]}).\nDownload it there when online, "
+                 "point --data-dir at a folder holding oxford-iiit-pet/images and annotations, or use --fake-data.")
+    torch.manual_seed(args.seed)
+    if args.pretrained and not args.resume:
+        model = from_torchvision(tv, PET_CLASSES)
+    else:
+        model = ViT(**config) if config else ViT(args.image_size, args.patch_size, PET_CLASSES, args.dim, args.depth,
+                                                  args.heads, args.mlp_dim)
+    model.to(args.device)
+    print(f"ViT {model.config}\n{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+          f"{count_flops(model) / 1e9:.3f} GFLOPs per image (forward), device {args.device}")
+    train_loader = Batches(*train_data, args.batch_size, args.device, train=True)
+    test_loader = Batches(*test_data, args.batch_size, args.device)
+    plot_patches(test_data[0][0], model.config["patch_size"], out / "patches.png")
+    lr = args.lr or (1e-4 if args.pretrained else 1e-3)
+    history = train(model, train_loader, test_loader, args.epochs, lr, compile=args.compile, checkpoint=out / "vit.pt",
+                    resume=state)
+    plot_history(history, out / "loss.png")
+    plot_attention(model, test_data[0][torch.linspace(0, len(test_data[0]) - 1, 4).long()], out / "attention.png")
+    if len(history["test_acc"]) < args.epochs:
+        sys.exit(130)  # interrupted: the checkpoint and plots are written, --resume goes on
+    bare = step_speed(model, *next(iter(train_loader)), compile=args.compile)
+    epoch = sorted(history["train_images_per_s"])[len(history["train_images_per_s"]) // 2]
+    print(f"final test accuracy {history['test_acc'][-1]:.1%}; training {epoch:.0f} img/s in epochs (median), "
+          f"{bare:.0f} img/s in the bare training step ({epoch / bare:.0%}); wrote {out}/")
+
+
+if __name__ == "__main__":
+    main()
