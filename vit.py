@@ -1,9 +1,8 @@
-"""A Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16 Words", 2020), from scratch.
-
-Read it top to bottom: the model (patches -> tokens -> transformer blocks -> class token -> head),
-then the data, the training loop, the plots and the command line. `python vit.py --help` lists options.
-"""
+"""A Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16 Words", 2020) from scratch, on Oxford-IIIT Pet.
+Top to bottom: the model (patches -> tokens -> transformer blocks -> class token -> head), then the data,
+training, plots and the command line. `python vit.py --help` lists the options."""
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -11,19 +10,21 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
 from einops import rearrange
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.datasets import FakeData, OxfordIIITPet
 
 # ---------------------------------------------------------------------------------------- model
-
-
 class PatchEmbedding(nn.Module):
-    """Cut the image into p x p patches, flatten each in (c, p1, p2) order and project it to a token.
-
-    This is exactly a convolution with kernel p and stride p, written as the paper says it.
-    """
+    """Cut the image into p x p patches, flatten each in (c, p1, p2) order and project it to a token:
+    exactly a convolution with kernel p and stride p, written as the paper says it."""
 
     def __init__(self, image_size, patch_size, channels, dim):
         super().__init__()
@@ -36,10 +37,9 @@ class PatchEmbedding(nn.Module):
         want = (self.channels, self.image_size, self.image_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != want:
             raise ValueError(f"expected images of shape (batch, {', '.join(map(str, want))}), got {tuple(images.shape)}")
-        p = self.patch_size
+        p = self.patch_size  # n = (h / p) * (w / p) patches, read row by row
         patches = rearrange(images, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)  # (b, n, c*p*p)
         return self.proj(patches)  # (b, n, dim)
-
 
 class Attention(nn.Module):
     """Multi-head self-attention: in each head softmax(q k^T / sqrt(d)) v, the heads concatenated and projected."""
@@ -63,18 +63,12 @@ class Attention(nn.Module):
         out = rearrange(out, "b h n d -> b n (h d)")
         return self.drop(self.proj(out)), weights  # (b, n, dim), (b, h, n, n) or None
 
-
-class MLP(nn.Module):
-    """Two linear layers with a GELU between, applied to every token on its own."""
+class MLP(nn.Sequential):
+    """Two linear layers with a GELU between, applied to every token on its own: (b, n, dim) -> (b, n, dim)."""
 
     def __init__(self, dim, hidden_dim, dropout=0.0):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden_dim), nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x):  # (b, n, dim)
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))  # (b, n, dim)
-
+        super().__init__(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, dim),
+                         nn.Dropout(dropout))
 
 class Block(nn.Module):
     """A pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
@@ -89,7 +83,6 @@ class Block(nn.Module):
         x = x + out
         x = x + self.mlp(self.norm2(x))
         return x, weights  # (b, n, dim), (b, heads, n, n) or None
-
 
 class ViT(nn.Module):
     """Patches become tokens, a class token is prepended, positions are added, blocks mix the tokens,
@@ -113,7 +106,7 @@ class ViT(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, images, return_weights=False):  # (b, c, h, w)
+    def forward(self, images, return_weights=False):  # (b, c, h, w); weights: the explicit attention path
         x = self.patch_embed(images)  # (b, n, dim)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (b, 1, dim)
         x = self.drop(torch.cat([cls, x], dim=1) + self.pos_embedding)  # (b, n + 1, dim)
@@ -124,30 +117,24 @@ class ViT(nn.Module):
         logits = self.head(self.norm(x[:, 0]))  # (b, num_classes), read from the class token
         return (logits, weights) if return_weights else logits
 
-
 def from_torchvision(tv, num_classes=None):
-    """Our ViT holding the weights of a torchvision.models.VisionTransformer; it gives the same logits.
-
-    With num_classes other than tv's, the head is new (zeros), ready for fine-tuning.
-    """
+    """Our ViT with the weights of a torchvision.models.VisionTransformer: it gives the same logits.
+    With num_classes other than tv's, the head is new (zeros), ready for fine-tuning."""
     if tv.representation_size is not None or "conv_proj" not in tv._modules:
         raise ValueError("from_torchvision takes a ViT with a patch convolution and a plain linear head")
     layers = list(tv.encoder.layers)
     model = ViT(tv.image_size, tv.patch_size, tv.num_classes, tv.hidden_dim, len(layers), layers[0].num_heads,
                 tv.mlp_dim, dropout=tv.dropout)
-    theirs = tv.state_dict()
-    ours = {"patch_embed.proj.weight": theirs["conv_proj.weight"].flatten(1),  # (dim, c, p, p) -> (dim, c*p*p)
-            "patch_embed.proj.bias": theirs["conv_proj.bias"], "cls_token": theirs["class_token"],
-            "pos_embedding": theirs["encoder.pos_embedding"], "norm.weight": theirs["encoder.ln.weight"],
-            "norm.bias": theirs["encoder.ln.bias"], "head.weight": theirs["heads.head.weight"],
-            "head.bias": theirs["heads.head.bias"]}
-    names = {"norm1.": "ln_1.", "attn.qkv.": "self_attention.in_proj_", "attn.proj.": "self_attention.out_proj.",
-             "norm2.": "ln_2.", "mlp.fc1.": "mlp.0.", "mlp.fc2.": "mlp.3."}
-    for i in range(len(layers)):
-        for our, their in names.items():
-            for p in ("weight", "bias"):
-                ours[f"blocks.{i}.{our}{p}"] = theirs[f"encoder.layers.encoder_layer_{i}.{their}{p}"]
-    model.load_state_dict(ours)
+    renames = [("patch_embed.proj.", "conv_proj."), ("cls_token", "class_token"), ("pos_embedding", "encoder.pos_embedding"),
+               ("blocks.", "encoder.layers.encoder_layer_"), ("norm1.", "ln_1."), ("norm2.", "ln_2."),
+               ("attn.qkv.", "self_attention.in_proj_"), ("attn.proj.", "self_attention.out_proj."),
+               ("norm.", "encoder.ln."), ("head.", "heads.head.")]
+    theirs, ours = tv.state_dict(), model.state_dict()
+    for name, param in ours.items():
+        key = name
+        for our, their in renames:
+            key = key.replace(our, their)
+        param.copy_(theirs[key].reshape(param.shape))  # the patch convolution's (dim, c, p, p) becomes (dim, c*p*p)
     if num_classes is not None and num_classes != tv.num_classes:
         model.head = nn.Linear(tv.hidden_dim, num_classes)
         nn.init.zeros_(model.head.weight), nn.init.zeros_(model.head.bias)
@@ -155,44 +142,35 @@ def from_torchvision(tv, num_classes=None):
     return model
 
 # ----------------------------------------------------------------------------------------- data
-
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision's weights expect
 PET_CLASSES = 37
 
-
-def decode(dataset, image_size, workers, name):
-    """Decode every image once, resized (shorter side) and centre-cropped: uint8 (n, 3, s, s), labels (n,)."""
-    from torch.utils.data import DataLoader
-    images, labels = [], []
-    for x, y in DataLoader(dataset, batch_size=64, num_workers=workers):
-        images.append(x), labels.append(y)
-        print(f"\rdecoding {name}: {sum(map(len, labels))}/{len(dataset)} images", end="", flush=True)
-    print()
-    return torch.cat(images), torch.cat(labels)
-
-
 def load_data(data_dir, split, image_size, workers, fake=False):
-    """Oxford-IIIT Pet (downloaded when missing) or, with fake=True, torchvision's FakeData of the same shape.
-
-    Pet is cached as uint8 tensors in data_dir, so later runs skip the JPEG decoding.
-    """
-    import torchvision.transforms as T
-    from torchvision.datasets import FakeData, OxfordIIITPet
+    """Oxford-IIIT Pet, downloaded when missing, or with fake=True torchvision's FakeData of the same shape. Each image
+    is decoded once, resized and centre-cropped: uint8 (n, 3, s, s) and labels (n,), cached in data_dir for next time."""
+    cache = Path(data_dir) / f"pet-{split}-{image_size}px.pt"
+    if cache.exists() and not fake:
+        return torch.load(cache, weights_only=True)
     transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
     if fake:
         size, offset = (256, 0) if split == "trainval" else (128, 256)
-        return decode(FakeData(size, (3, image_size, image_size), PET_CLASSES, transform, random_offset=offset),
-                      image_size, workers, f"fake {split}")
-    cache = Path(data_dir) / f"pet-{split}-{image_size}px.pt"
-    if cache.exists():
-        return torch.load(cache, weights_only=True)
-    data = decode(OxfordIIITPet(data_dir, split, transform=transform, download=True), image_size, workers, f"Pet {split}")
-    try:
-        write_whole(cache, lambda f: torch.save(data, f))
-    except OSError:  # a read-only data folder: decode again next time
-        pass
+        dataset = FakeData(size, (3, image_size, image_size), PET_CLASSES, transform, random_offset=offset)
+    else:
+        dataset = OxfordIIITPet(data_dir, split, transform=transform, download=True)
+    images, labels = [], []
+    for x, y in DataLoader(dataset, batch_size=64, num_workers=workers):
+        images.append(x), labels.append(y)
+        print(f"\rdecoding {split}: {sum(map(len, labels))}/{len(dataset)} images", end="", flush=True)
+    print()
+    data = torch.cat(images), torch.cat(labels)
+    if not fake:
+        with contextlib.suppress(OSError):  # a read-only data folder: decode again next time
+            write_whole(cache, lambda f: torch.save(data, f))
     return data
 
+def normalise(images):  # uint8 (b, 3, s, s) -> float (b, 3, s, s), as the model sees them
+    mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in (MEAN, STD))
+    return (images.float() / 255 - mean) / std
 
 def augment(x, min_scale=0.25):  # (b, c, s, s) float
     """Random resized crop (area min_scale..1, aspect 3/4..4/3) and horizontal flip of each image, in one resampling."""
@@ -202,11 +180,10 @@ def augment(x, min_scale=0.25):  # (b, c, s, s) float
     w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # crop size, fraction of side
     cx, cy = (torch.rand(b) * 2 - 1) * (1 - w), (torch.rand(b) * 2 - 1) * (1 - h)  # crop centre, in [-1, 1]
     flip = torch.where(torch.rand(b) < 0.5, -1.0, 1.0)
-    zero = torch.zeros(b)
-    theta = torch.stack([torch.stack([w * flip, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)  # (b, 2, 3)
+    theta = torch.zeros(b, 2, 3)  # maps output to input coordinates: x_in = flip * w * x_out + cx, y_in = h * y_out + cy
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = flip * w, cx, h, cy
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)  # (b, s, s, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
 
 class Batches:
     """Mini-batches from uint8 images kept on the device; for training shuffled, and augmented a batch at a time."""
@@ -214,32 +191,26 @@ class Batches:
     def __init__(self, images, labels, batch_size, device, train=False):
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.train = batch_size, train
-        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
 
     def __len__(self):  # training drops the last incomplete batch, so every step sees batch_size images
-        n = len(self.images)
-        return max(1, n // self.batch_size) if self.train else math.ceil(n / self.batch_size)
+        return max(1, len(self.images) // self.batch_size) if self.train else math.ceil(len(self.images) / self.batch_size)
 
     def __iter__(self):
-        n = len(self.images)
-        order = torch.randperm(n) if self.train else torch.arange(n)
+        order = torch.randperm(len(self.images)) if self.train else torch.arange(len(self.images))
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.images.device)
-            x = (self.images[idx].float() - self.mean) / self.std  # (b, 3, s, s)
+            x = normalise(self.images[idx])  # (b, 3, s, s)
             yield (augment(x) if self.train else x), self.labels[idx]
 
 # ------------------------------------------------------------------------------------- training
-
-
 def write_whole(path, write):
     """Write to a temporary name, then rename: a crash never leaves half a file behind."""
     tmp = Path(f"{path}.tmp")
     write(tmp)
     os.replace(tmp, path)
 
-
 def train_step(model, opt, x, y, label_smoothing):
+    model.train()
     with torch.autocast(x.device.type, torch.bfloat16, enabled=x.device.type == "cuda"):
         loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
@@ -248,29 +219,21 @@ def train_step(model, opt, x, y, label_smoothing):
     opt.step()
     return loss.detach()
 
-
 @torch.no_grad()
 def evaluate(model, loader):
     """Mean cross-entropy and accuracy (a fraction) over a loader."""
     model.eval()
-    loss = correct = count = 0
-    for x, y in loader:
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=x.device.type == "cuda"):
-            logits = model(x).float()
-        loss += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(-1) == y).sum()
-        count += len(y)
-    return (loss / count).item(), (correct / count).item()
-
+    with torch.autocast(loader.images.device.type, torch.bfloat16, enabled=loader.images.device.type == "cuda"):
+        logits, labels = zip(*[(model(x).float(), y) for x, y in loader])
+    logits, labels = torch.cat(logits), torch.cat(labels)  # (n, classes), (n,)
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(-1) == labels).float().mean().item()
 
 def train(model, train_loader, test_loader, epochs, lr=1e-3, weight_decay=0.05, warmup=5, label_smoothing=0.1,
           compile=False, checkpoint=None, resume=None):
-    """AdamW on cross-entropy; the lr warms up linearly for `warmup` epochs, then decays to zero on a cosine.
-
-    Each epoch is saved to `checkpoint` (model, optimiser, epoch, history, RNG state) if given; `resume` takes
-    such a saved state and goes on from it. Ctrl-C stops after the last whole epoch. Returns per-epoch lists.
-    """
-    decay = [p for p in model.parameters() if p.ndim == 2]  # matrices decay; biases, norms, cls, pos do not
+    """AdamW on cross-entropy; the lr warms up linearly for `warmup` epochs (a tenth of a shorter run), then
+    decays to zero on a cosine. Each epoch is saved to `checkpoint`; `resume` takes such a saved state and goes on.
+    Ctrl-C stops, keeping the last whole epoch. Returns the history: a list per quantity, an entry per epoch."""
+    decay = [p for p in model.parameters() if p.ndim == 2]  # weight matrices decay; biases, norms, cls, pos do not
     rest = [p for p in model.parameters() if p.ndim != 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}], lr)
     history = {"train_loss": [], "test_loss": [], "test_acc": [], "lr": [], "train_images_per_s": []}
@@ -279,11 +242,10 @@ def train(model, train_loader, test_loader, epochs, lr=1e-3, weight_decay=0.05, 
         history = resume["history"]
         torch.set_rng_state(resume["rng"])
     fast = torch.compile(model) if compile else model
-    steps, warmup_steps, start = epochs * len(train_loader), warmup * len(train_loader), len(history["test_acc"])
-    t_start = time.perf_counter()
+    steps, warmup_steps = epochs * len(train_loader), min(warmup, epochs / 10) * len(train_loader)
+    start, t_start = len(history["test_acc"]), time.perf_counter()
     try:
         for epoch in range(start, epochs):
-            fast.train()
             total, t0 = 0.0, time.perf_counter()
             for i, (x, y) in enumerate(train_loader):
                 step = epoch * len(train_loader) + i
@@ -291,46 +253,41 @@ def train(model, train_loader, test_loader, epochs, lr=1e-3, weight_decay=0.05, 
                 for group in opt.param_groups:
                     group["lr"] = lr * scale
                 total += train_step(fast, opt, x, y, label_smoothing)
-            images_per_s = len(train_loader) * train_loader.batch_size / (time.perf_counter() - t0)
+            speed = len(train_loader) * train_loader.batch_size / (time.perf_counter() - t0)
             test_loss, test_acc = evaluate(fast, test_loader)
-            for key, value in zip(history, (total.item() / len(train_loader), test_loss, test_acc, lr * scale,
-                                            images_per_s)):
+            for key, value in zip(history, (total.item() / len(train_loader), test_loss, test_acc, lr * scale, speed)):
                 history[key].append(value)
             left = (time.perf_counter() - t_start) / (epoch + 1 - start) * (epochs - epoch - 1)
-            print(f"epoch {epoch + 1:4d}/{epochs}  train loss {history['train_loss'][-1]:.3f}  test loss "
-                  f"{test_loss:.3f}  test acc {test_acc:6.1%}  {images_per_s:5.0f} img/s  {left / 60:5.1f} min left")
+            print(f"epoch {epoch + 1:3d}/{epochs}  train loss {history['train_loss'][-1]:.3f}  test loss {test_loss:.3f}"
+                  f"  test acc {test_acc:6.1%}  {speed:5.0f} img/s  {left / 60:5.1f} min left", flush=True)
             if checkpoint:
                 state = {"model": model.state_dict(), "config": model.config, "history": history,
                          "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}
                 write_whole(checkpoint, lambda f: torch.save(state, f))
     except KeyboardInterrupt:
-        print(f"interrupted: {checkpoint} holds epoch {len(history['test_acc'])}; --resume goes on from there")
+        print(f"interrupted: {checkpoint} holds epoch {len(history['test_acc'])}, --resume goes on from there")
     return history
 
-
 def step_speed(model, x, y, steps=10, compile=False):
-    """Images/s of the bare training step (no data loading), on a copy of the model and one fixed batch."""
-    model = copy.deepcopy(model)
+    """Images/s of the bare training step, with no data loading: a copy of the model, one batch, again and again."""
+    model = copy.deepcopy(model).train()
     fast, opt = torch.compile(model) if compile else model, torch.optim.AdamW(model.parameters())
-    for i in range(steps + 3):  # 3 warm-up steps
-        if i == 3:
-            t0 = time.perf_counter()
-        loss = train_step(fast.train(), opt, x, y, 0.0)
+    for _ in range(3):  # warm-up
+        train_step(fast, opt, x, y, 0.0)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = train_step(fast, opt, x, y, 0.0)
     loss.item()  # waits for the device
     return steps * len(x) / (time.perf_counter() - t0)
 
-
 def count_flops(model):
     """Forward FLOPs for one image (a multiply-add counts 2), counted on the explicit attention path."""
-    from torch.utils.flop_counter import FlopCounterMode
     s, c = model.config["image_size"], model.config["channels"]
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.zeros(1, c, s, s, device=next(model.parameters()).device), return_weights=True)
     return counter.get_total_flops()
 
 # ---------------------------------------------------------------------------------------- plots
-
-
 @torch.no_grad()
 def attention_rollout(model, images):  # (b, c, s, s) normalised
     """Where the class token looks: attention rolled out through all layers (Abnar & Zuidema, 2020), heads
@@ -345,15 +302,11 @@ def attention_rollout(model, images):  # (b, c, s, s) normalised
     side = images.shape[-1] // model.config["patch_size"]
     return (cls / cls.sum(-1, keepdim=True)).view(-1, side, side)
 
-
 def save_figure(fig, path):
-    import matplotlib.pyplot as plt
     write_whole(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
     plt.close(fig)
 
-
 def plot_patches(image, patch_size, path):  # uint8 (3, s, s)
-    import matplotlib.pyplot as plt
     patches = rearrange(image, "c (h p1) (w p2) -> h w c p1 p2", p1=patch_size, p2=patch_size)
     grid = rearrange(F.pad(patches, (1, 1, 1, 1), value=255), "h w c p1 p2 -> (h p1) (w p2) c")  # white gaps
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
@@ -362,9 +315,7 @@ def plot_patches(image, patch_size, path):  # uint8 (3, s, s)
     [ax.axis("off") for ax in axes]
     save_figure(fig, path)
 
-
 def plot_history(history, path):
-    import matplotlib.pyplot as plt
     epochs = range(1, len(history["train_loss"]) + 1)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(epochs, history["train_loss"], label="train"), left.plot(epochs, history["test_loss"], label="test")
@@ -372,11 +323,8 @@ def plot_history(history, path):
     right.plot(epochs, history["test_acc"]), right.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1))
     save_figure(fig, path)
 
-
 def plot_attention(model, images, path):  # uint8 (k, 3, s, s)
-    import matplotlib.pyplot as plt
-    x = Batches(images, torch.zeros(len(images)), len(images), next(model.parameters()).device)
-    maps = attention_rollout(model, next(iter(x))[0])  # (k, s/p, s/p)
+    maps = attention_rollout(model, normalise(images.to(next(model.parameters()).device)))  # (k, s/p, s/p)
     maps = F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear")[:, 0].cpu()  # (k, s, s)
     fig, axes = plt.subplots(2, len(images), figsize=(2.5 * len(images), 5), squeeze=False)
     for image, heat, top, bottom in zip(images, maps, *axes):
@@ -386,8 +334,6 @@ def plot_attention(model, images, path):  # uint8 (k, 3, s, s)
     save_figure(fig, path)
 
 # ----------------------------------------------------------------------------------- command line
-
-
 def parse_args(argv):
     def positive(text):
         if not text.isdigit() or int(text) < 1:
@@ -397,15 +343,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description="Train a Vision Transformer on Oxford-IIIT Pet and plot what it learned.")
     p.add_argument("--data-dir", default="./data", help="where Oxford-IIIT Pet is, or is downloaded to")
     p.add_argument("--out-dir", default="./out", help="for vit.pt, patches.png, loss.png, attention.png")
-    p.add_argument("--epochs", type=positive, default=100)
-    p.add_argument("--batch-size", type=positive, default=32)
+    for name, default in [("epochs", 100), ("batch-size", 32), ("image-size", 96), ("patch-size", 8), ("dim", 192),
+                          ("depth", 6), ("heads", 3), ("mlp-dim", 384)]:  # the model: ViT-Tiny's width, half its depth
+        p.add_argument(f"--{name}", type=positive, default=default)
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3, or 1e-4 with --pretrained)")
-    p.add_argument("--image-size", type=positive, default=96)
-    p.add_argument("--patch-size", type=positive, default=8)
-    p.add_argument("--dim", type=positive, default=192)
-    p.add_argument("--depth", type=positive, default=6)
-    p.add_argument("--heads", type=positive, default=3)
-    p.add_argument("--mlp-dim", type=positive, default=384)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cuda", "mps", "cpu"], help="default: cuda, then mps, then cpu")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding JPEGs")
@@ -414,54 +355,47 @@ def parse_args(argv):
     p.add_argument("--pretrained", action="store_true", help="fine-tune torchvision's ImageNet ViT-B/16 at 224 px")
     p.add_argument("--resume", action="store_true", help="continue from --out-dir/vit.pt")
     args = p.parse_args(argv)
-    if args.image_size % args.patch_size:
-        p.error(f"--patch-size {args.patch_size} does not divide --image-size {args.image_size}")
-    if args.dim % args.heads:
-        p.error(f"--heads {args.heads} does not divide --dim {args.dim}")
-    if args.lr is not None and not 0 < args.lr < 1:
-        p.error(f"--lr must be between 0 and 1, got {args.lr}")
-    if args.workers < 0:
-        p.error(f"--workers must be 0 or more, got {args.workers}")
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if args.device and not available[args.device]:
-        p.error(f"--device {args.device} is not available on this machine")
+    for wrong, message in [(args.image_size % args.patch_size, f"--patch-size {args.patch_size} does not divide "
+                            f"--image-size {args.image_size}"),
+                           (args.dim % args.heads, f"--heads {args.heads} does not divide --dim {args.dim}"),
+                           (args.lr is not None and not 0 < args.lr < 1, f"--lr must be between 0 and 1, got {args.lr}"),
+                           (args.workers < 0, f"--workers must be 0 or more, got {args.workers}"),
+                           (args.device and not available[args.device], f"--device {args.device} is not available")]:
+        if wrong:
+            p.error(message)
     args.device = args.device or next(d for d, ok in available.items() if ok)
     return args
 
-
 def main(argv=None):
     args = parse_args(argv)
-    out = Path(args.out_dir)
+    out, state, tv = Path(args.out_dir), None, None
     out.mkdir(parents=True, exist_ok=True)
-    state = config = None
-    if args.resume:
+    if args.resume:  # the model is the checkpoint's, whatever the options say
         if not (out / "vit.pt").exists():
             sys.exit(f"error: --resume found no checkpoint at {out / 'vit.pt'}")
         state = torch.load(out / "vit.pt", map_location=args.device, weights_only=True)
-        config = state["config"]
+        args.image_size = state["config"]["image_size"]
     elif args.pretrained:
-        import torchvision
         try:
             tv = torchvision.models.vit_b_16(weights="IMAGENET1K_V1")
         except (OSError, RuntimeError) as e:
             sys.exit(f"error: could not download torchvision's ViT-B/16 ImageNet weights ({e}).\n"
                      "Connect to the internet once (torch caches them), or train from scratch without --pretrained.")
-        config = dict(image_size=tv.image_size)
-    size = config["image_size"] if config else args.image_size
+        args.image_size = tv.image_size
     try:
-        train_data, test_data = (load_data(args.data_dir, s, size, args.workers, args.fake_data) for s in ("trainval", "test"))
+        train_data, test_data = (load_data(args.data_dir, split, args.image_size, args.workers, args.fake_data)
+                                 for split in ("trainval", "test"))
     except (OSError, RuntimeError) as e:  # the last line: a worker's error comes with its traceback
-        sys.exit(f"error: could not load Oxford-IIIT Pet from {args.data_dir} ({str(e).splitlines()[-1]}).\nDownload it there when online, "
-                 "point --data-dir at a folder holding oxford-iiit-pet/images and annotations, or use --fake-data.")
+        sys.exit(f"error: could not load Oxford-IIIT Pet from {args.data_dir} ({str(e).splitlines()[-1]}).\n"
+                 "Download it there when online, point --data-dir at the folder that holds oxford-iiit-pet/images "
+                 "and annotations, or run offline with --fake-data.")
     torch.manual_seed(args.seed)
-    if args.pretrained and not args.resume:
-        model = from_torchvision(tv, PET_CLASSES)
-    else:
-        model = ViT(**config) if config else ViT(args.image_size, args.patch_size, PET_CLASSES, args.dim, args.depth,
-                                                  args.heads, args.mlp_dim)
+    model = (ViT(**state["config"]) if state else from_torchvision(tv, PET_CLASSES) if tv else
+             ViT(args.image_size, args.patch_size, PET_CLASSES, args.dim, args.depth, args.heads, args.mlp_dim))
     model.to(args.device)
     print(f"ViT {model.config}\n{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-          f"{count_flops(model) / 1e9:.3f} GFLOPs per image (forward), device {args.device}")
+          f"{count_flops(model) / 1e9:.3f} GFLOPs per image (forward), on {args.device}")
     train_loader = Batches(*train_data, args.batch_size, args.device, train=True)
     test_loader = Batches(*test_data, args.batch_size, args.device)
     plot_patches(test_data[0][0], model.config["patch_size"], out / "patches.png")
@@ -471,12 +405,11 @@ def main(argv=None):
     plot_history(history, out / "loss.png")
     plot_attention(model, test_data[0][torch.linspace(0, len(test_data[0]) - 1, 4).long()], out / "attention.png")
     if len(history["test_acc"]) < args.epochs:
-        sys.exit(130)  # interrupted: the checkpoint and plots are written, --resume goes on
+        sys.exit(130)  # interrupted, with the checkpoint and plots written: --resume goes on
     bare = step_speed(model, *next(iter(train_loader)), compile=args.compile)
     epoch = sorted(history["train_images_per_s"])[len(history["train_images_per_s"]) // 2]
-    print(f"final test accuracy {history['test_acc'][-1]:.1%}; training {epoch:.0f} img/s in epochs (median), "
-          f"{bare:.0f} img/s in the bare training step ({epoch / bare:.0%}); wrote {out}/")
-
+    print(f"test accuracy {history['test_acc'][-1]:.1%}. Training: {epoch:.0f} img/s in the epochs (median), "
+          f"{bare:.0f} img/s in the bare training step, {epoch / bare:.0%} of it. Wrote {out}/")
 
 if __name__ == "__main__":
     main()
