@@ -34,9 +34,9 @@ class PatchEmbedding(nn.Module):
         self.proj = nn.Linear(channels * patch_size**2, dim)
 
     def forward(self, images):  # (b, c, h, w)
-        want = (self.channels, self.image_size, self.image_size)
-        if images.ndim != 4 or tuple(images.shape[1:]) != want:
-            raise ValueError(f"expected images of shape (batch, {', '.join(map(str, want))}), got {tuple(images.shape)}")
+        c, s = self.channels, self.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (c, s, s):
+            raise ValueError(f"expected images of shape (batch, {c}, {s}, {s}), got {tuple(images.shape)}")
         p = self.patch_size  # n = (h / p) * (w / p) patches, read row by row
         patches = rearrange(images, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)  # (b, n, c*p*p)
         return self.proj(patches)  # (b, n, dim)
@@ -125,8 +125,9 @@ def from_torchvision(tv, num_classes=None):
     layers = list(tv.encoder.layers)
     model = ViT(tv.image_size, tv.patch_size, tv.num_classes, tv.hidden_dim, len(layers), layers[0].num_heads,
                 tv.mlp_dim, dropout=tv.dropout)
-    renames = [("patch_embed.proj.", "conv_proj."), ("cls_token", "class_token"), ("pos_embedding", "encoder.pos_embedding"),
-               ("blocks.", "encoder.layers.encoder_layer_"), ("norm1.", "ln_1."), ("norm2.", "ln_2."),
+    renames = [("patch_embed.proj.", "conv_proj."), ("cls_token", "class_token"),
+               ("pos_embedding", "encoder.pos_embedding"), ("blocks.", "encoder.layers.encoder_layer_"),
+               ("norm1.", "ln_1."), ("norm2.", "ln_2."),
                ("attn.qkv.", "self_attention.in_proj_"), ("attn.proj.", "self_attention.out_proj."),
                ("norm.", "encoder.ln."), ("head.", "heads.head.")]
     theirs, ours = tv.state_dict(), model.state_dict()
@@ -146,8 +147,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torch
 PET_CLASSES = 37
 
 def load_data(data_dir, split, image_size, workers, fake=False):
-    """Oxford-IIIT Pet, downloaded when missing, or with fake=True torchvision's FakeData of the same shape. Each image
-    is decoded once, resized and centre-cropped: uint8 (n, 3, s, s) and labels (n,), cached in data_dir for next time."""
+    """Oxford-IIIT Pet, downloaded when missing, or with fake=True torchvision's FakeData of the same shape. Each
+    image is decoded once, resized and centre-cropped: uint8 (n, 3, s, s), labels (n,), cached in data_dir."""
     cache = Path(data_dir) / f"pet-{split}-{image_size}px.pt"
     if cache.exists() and not fake:
         return torch.load(cache, weights_only=True)
@@ -180,7 +181,7 @@ def augment(x, min_scale=0.25):  # (b, c, s, s) float
     w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # crop size, fraction of side
     cx, cy = (torch.rand(b) * 2 - 1) * (1 - w), (torch.rand(b) * 2 - 1) * (1 - h)  # crop centre, in [-1, 1]
     flip = torch.where(torch.rand(b) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3)  # maps output to input coordinates: x_in = flip * w * x_out + cx, y_in = h * y_out + cy
+    theta = torch.zeros(b, 2, 3)  # output to input coordinates: x_in = flip * w * x_out + cx, y_in = h * y_out + cy
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = flip * w, cx, h, cy
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)  # (b, s, s, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -193,7 +194,8 @@ class Batches:
         self.batch_size, self.train = batch_size, train
 
     def __len__(self):  # training drops the last incomplete batch, so every step sees batch_size images
-        return max(1, len(self.images) // self.batch_size) if self.train else math.ceil(len(self.images) / self.batch_size)
+        n = len(self.images)
+        return max(1, n // self.batch_size) if self.train else math.ceil(n / self.batch_size)
 
     def __iter__(self):
         order = torch.randperm(len(self.images)) if self.train else torch.arange(len(self.images))
@@ -223,8 +225,10 @@ def train_step(model, opt, x, y, label_smoothing):
 def evaluate(model, loader):
     """Mean cross-entropy and accuracy (a fraction) over a loader."""
     model.eval()
-    with torch.autocast(loader.images.device.type, torch.bfloat16, enabled=loader.images.device.type == "cuda"):
-        logits, labels = zip(*[(model(x).float(), y) for x, y in loader])
+    logits, labels = [], []
+    for x, y in loader:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=x.device.type == "cuda"):
+            logits.append(model(x).float()), labels.append(y)
     logits, labels = torch.cat(logits), torch.cat(labels)  # (n, classes), (n,)
     return F.cross_entropy(logits, labels).item(), (logits.argmax(-1) == labels).float().mean().item()
 
@@ -359,7 +363,7 @@ def parse_args(argv):
     for wrong, message in [(args.image_size % args.patch_size, f"--patch-size {args.patch_size} does not divide "
                             f"--image-size {args.image_size}"),
                            (args.dim % args.heads, f"--heads {args.heads} does not divide --dim {args.dim}"),
-                           (args.lr is not None and not 0 < args.lr < 1, f"--lr must be between 0 and 1, got {args.lr}"),
+                           (args.lr is not None and not 0 < args.lr < 1, f"--lr must be in (0, 1), got {args.lr}"),
                            (args.workers < 0, f"--workers must be 0 or more, got {args.workers}"),
                            (args.device and not available[args.device], f"--device {args.device} is not available")]:
         if wrong:
