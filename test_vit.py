@@ -278,7 +278,7 @@ def test_missing_dataset_from_the_shell_exits_1_without_traceback(tmp_path):
 
 @pytest.mark.parametrize("args, message", [(["--epochs", "0"], "--epochs: must be a whole number of at least 1"),
                                            (["--patch-size", "7"], "--patch-size 7 does not divide --image-size 96"),
-                                           (["--heads", "5"], "--heads 5 does not divide --dim 192"),
+                                           (["--heads", "3"], "--heads 3 does not divide --dim 128"),
                                            (["--lr", "-1"], "--lr must be in (0, 1), got -1.0")])
 def test_bad_arguments_are_argparse_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit:
