@@ -240,14 +240,14 @@ def train(model, train_loader, test_loader, epochs, lr=1e-3, weight_decay=0.05, 
                 for group in opt.param_groups:
                     group["lr"] = lr * scale
                 total += train_step(fast, opt, x, y, label_smoothing)
+            train_loss = total.item() / len(train_loader)  # .item() waits for the device, so the clock is fair
             speed = len(train_loader) * train_loader.batch_size / (time.perf_counter() - t0)
             test_loss, test_acc = evaluate(fast, test_loader)
-            for key, value in zip(history, (total.item() / len(train_loader), test_loss, test_acc, lr * scale, speed)):
+            for key, value in zip(history, (train_loss, test_loss, test_acc, lr * scale, speed)):
                 history[key].append(value)
             left = (time.perf_counter() - t_start) / (epoch + 1 - start) * (epochs - epoch - 1)
-            print(f"epoch {epoch + 1:3d}/{epochs}  train loss {history['train_loss'][-1]:.3f}  "
-                  f"test loss {test_loss:.3f}  test acc {test_acc:.1%}  {speed:4.0f} img/s  {left / 60:4.1f} min left",
-                  flush=True)
+            print(f"epoch {epoch + 1:3d}/{epochs}  train loss {train_loss:.3f}  test loss {test_loss:.3f}  "
+                  f"test acc {test_acc:.1%}  {speed:4.0f} img/s  {left / 60:4.1f} min left", flush=True)
             if checkpoint:
                 state = {"model": model.state_dict(), "config": model.config, "history": history,
                          "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}
