@@ -196,8 +196,7 @@ def write_whole(path, write):  # to a temporary name, then renamed: a crash neve
     write(tmp)
     os.replace(tmp, path)
 
-def train_step(model, opt, x, y, label_smoothing):
-    model.train()
+def train_step(model, opt, x, y, label_smoothing):  # the model in train mode
     with torch.autocast(x.device.type, torch.bfloat16, enabled=x.device.type == "cuda"):
         loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
@@ -233,6 +232,7 @@ def train(model, train_loader, test_loader, epochs, lr=1e-3, weight_decay=0.05, 
     start, t_start = len(history["test_acc"]), time.perf_counter()
     try:
         for epoch in range(start, epochs):
+            fast.train()  # evaluate() left it in eval mode
             total, t0 = 0.0, time.perf_counter()
             for i, (x, y) in enumerate(train_loader):
                 step = epoch * len(train_loader) + i
