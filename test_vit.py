@@ -80,7 +80,7 @@ def test_from_torchvision_gives_the_same_logits():
         ours, theirs = model(x), tv(x)
     assert (ours - theirs).norm() / theirs.norm() < 1e-5
     assert model.config == dict(image_size=32, patch_size=8, num_classes=7, dim=64, depth=3, heads=4, mlp_dim=128,
-                                channels=3, dropout=0.0)
+                                channels=3)
     fresh = vit.from_torchvision(tv, num_classes=37)
     assert fresh.head.out_features == 37 and fresh.head.weight.abs().sum() == 0 and fresh.config["num_classes"] == 37
 
@@ -182,6 +182,22 @@ def test_augmentation_keeps_shape_dtype_and_labels():
     assert sum(changed) >= 6  # nearly every image is cropped or mirrored (a crop can cover the whole width)
 
 
+
+def test_mix_blends_images_and_targets_in_the_same_proportion():
+    values = torch.arange(8.0)  # image i is flat grey i and has label i
+    images = values.view(8, 1, 1, 1).expand(8, 3, 12, 12)
+    kinds = set()
+    for seed in range(20):  # both branches, mixup and cutmix, come up
+        torch.manual_seed(seed)
+        x, target = vit.mix(images, torch.arange(8), num_classes=10)
+        assert x.shape == images.shape and target.shape == (8, 10) and target[:, 8:].eq(0).all()
+        torch.testing.assert_close(target.sum(-1), torch.ones(8))
+        torch.testing.assert_close(x.mean((1, 2, 3)), target[:, :8] @ values)  # pixel shares = target shares
+        kinds.add("cutmix" if torch.isin(x, values).all() else "mixup")  # cutmix moves pixels, never blends them
+    assert kinds == {"mixup", "cutmix"}
+    assert torch.equal(images, values.view(8, 1, 1, 1).expand(8, 3, 12, 12))  # the input is left alone
+
+
 # ---------------------------------------------------------------------------------- command line
 
 
@@ -240,7 +256,7 @@ def test_pretrained_path_with_random_torchvision_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(vit, "train", spy)
     state = run(tmp_path, "--epochs", "1", "--pretrained", "--image-size", "64")  # the image size is ViT-B's own
     assert state["config"] == dict(image_size=32, patch_size=16, num_classes=37, dim=32, depth=1, heads=2,
-                                   mlp_dim=64, channels=3, dropout=0.0)
+                                   mlp_dim=64, channels=3)
     assert torch.equal(start["blocks.0.attn.qkv.weight"], small.encoder.layers[0].self_attention.in_proj_weight)
     assert start["head.weight"].shape == (37, 32) and not start["head.weight"].any()
 

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 from einops import rearrange
-from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.datasets import FakeData, OxfordIIITPet
 
@@ -41,13 +40,12 @@ class PatchEmbedding(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention: in each head softmax(q k^T / sqrt(d)) v, the heads concatenated and projected."""
-    def __init__(self, dim, heads, dropout=0.0):
+    def __init__(self, dim, heads):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
-        self.heads, self.drop = heads, nn.Dropout(dropout)
-        self.qkv = nn.Linear(dim, 3 * dim)  # queries, keys and values of every head in one matmul
-        self.proj = nn.Linear(dim, dim)
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)  # qkv: q, k, v of every head in one matmul
 
     def forward(self, x, return_weights=False):  # (b, n, dim)
         q, k, v = rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads)  # (b, h, n, d) each
@@ -57,20 +55,19 @@ class Attention(nn.Module):
         else:  # the same result from one fused kernel, without storing the (n, n) weights
             weights, out = None, F.scaled_dot_product_attention(q, k, v)
         out = self.proj(rearrange(out, "b h n d -> b n (h d)"))  # heads side by side, then mixed: (b, n, dim)
-        return self.drop(out), weights  # (b, n, dim), (b, h, n, n) or None
+        return out, weights  # (b, n, dim), (b, h, n, n) or None
 
 class MLP(nn.Sequential):
     """Two linear layers with a GELU between, applied to every token on its own: (b, n, dim) -> (b, n, dim)."""
-    def __init__(self, dim, hidden_dim, dropout=0.0):
-        super().__init__(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, dim),
-                         nn.Dropout(dropout))
+    def __init__(self, dim, hidden_dim):
+        super().__init__(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim))
 
 class Block(nn.Module):
     """A pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
-    def __init__(self, dim, heads, mlp_dim, dropout=0.0):
+    def __init__(self, dim, heads, mlp_dim):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads, dropout)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), MLP(dim, mlp_dim, dropout)
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), MLP(dim, mlp_dim)
 
     def forward(self, x, return_weights=False):  # (b, n, dim)
         out, weights = self.attn(self.norm1(x), return_weights)
@@ -79,17 +76,15 @@ class Block(nn.Module):
         return x, weights  # (b, n, dim), (b, heads, n, n) or None
 
 class ViT(nn.Module):
-    """Patches become tokens, a class token is prepended, positions are added, blocks mix the tokens,
-    and a linear head reads the class token out."""
-    def __init__(self, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels=3, dropout=0.0):
+    """Patch tokens plus a class token, positions added, mixed by the blocks; a linear head reads the class token."""
+    def __init__(self, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels=3):
         super().__init__()
         self.config = dict(image_size=image_size, patch_size=patch_size, num_classes=num_classes, dim=dim,
-                           depth=depth, heads=heads, mlp_dim=mlp_dim, channels=channels, dropout=dropout)
+                           depth=depth, heads=heads, mlp_dim=mlp_dim, channels=channels)
         self.patch_embed = PatchEmbedding(image_size, patch_size, channels, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embedding = nn.Parameter(torch.zeros(1, (image_size // patch_size) ** 2 + 1, dim))  # n patches + cls
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim) for _ in range(depth))
         self.norm, self.head = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.pos_embedding, std=0.02)
         for linear in (m for m in self.modules() if isinstance(m, nn.Linear)):  # as torchvision and timm do
@@ -98,7 +93,7 @@ class ViT(nn.Module):
     def forward(self, images, return_weights=False):  # (b, c, h, w); weights: the explicit attention path
         x = self.patch_embed(images)  # (b, n, dim)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (b, 1, dim)
-        x = self.drop(torch.cat([cls, x], dim=1) + self.pos_embedding)  # (b, n + 1, dim)
+        x = torch.cat([cls, x], dim=1) + self.pos_embedding  # (b, n + 1, dim)
         weights = []
         for block in self.blocks:
             x, w = block(x, return_weights)
@@ -111,29 +106,24 @@ def from_torchvision(tv, num_classes=None):
     With num_classes other than tv's, the head is new (zeros), ready for fine-tuning."""
     if tv.representation_size is not None or "conv_proj" not in tv._modules:
         raise ValueError("from_torchvision takes a ViT with a patch convolution and a plain linear head")
-    layers = list(tv.encoder.layers)
-    model = ViT(tv.image_size, tv.patch_size, tv.num_classes, tv.hidden_dim, len(layers), layers[0].num_heads,
-                tv.mlp_dim, dropout=tv.dropout)
-    renames = [("patch_embed.proj.", "conv_proj."), ("cls_token", "class_token"),
+    model = ViT(tv.image_size, tv.patch_size, tv.num_classes, tv.hidden_dim, len(tv.encoder.layers),
+                tv.encoder.layers[0].num_heads, tv.mlp_dim)
+    renames = [("patch_embed.proj.", "conv_proj."), ("cls_token", "class_token"), ("norm.", "encoder.ln."),
                ("pos_embedding", "encoder.pos_embedding"), ("blocks.", "encoder.layers.encoder_layer_"),
-               ("norm1.", "ln_1."), ("norm2.", "ln_2."),
-               ("attn.qkv.", "self_attention.in_proj_"), ("attn.proj.", "self_attention.out_proj."),
-               ("norm.", "encoder.ln."), ("head.", "heads.head.")]
+               ("norm1.", "ln_1."), ("norm2.", "ln_2."), ("mlp.2.", "mlp.3."), ("attn.qkv.", "self_attention.in_proj_"),
+               ("attn.proj.", "self_attention.out_proj."), ("head.", "heads.head.")]
     theirs, ours = tv.state_dict(), model.state_dict()
     for name, param in ours.items():
-        key = name
         for our, their in renames:
-            key = key.replace(our, their)
-        param.copy_(theirs[key].reshape(param.shape))  # the patch convolution's (dim, c, p, p) becomes (dim, c*p*p)
+            name = name.replace(our, their)  # our name -> torchvision's (its MLP has a Dropout at index 2)
+        param.copy_(theirs[name].reshape(param.shape))  # the patch convolution's (dim, c, p, p) becomes (dim, c*p*p)
     if num_classes is not None and num_classes != tv.num_classes:
-        model.head = nn.Linear(tv.hidden_dim, num_classes)
+        model.head, model.config["num_classes"] = nn.Linear(tv.hidden_dim, num_classes), num_classes
         nn.init.zeros_(model.head.weight), nn.init.zeros_(model.head.bias)
-        model.config["num_classes"] = num_classes
     return model
 
 # ----------------------------------------------------------------------------------------- data
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision's weights expect
-PET_CLASSES = 37
+MEAN, STD, PET_CLASSES = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 37  # ImageNet's mean and std; 37 breeds
 
 def load_data(data_dir, split, image_size, workers, fake=False):
     """Oxford-IIIT Pet, downloaded when missing, or with fake=True torchvision's FakeData of the same shape. Each
@@ -146,7 +136,7 @@ def load_data(data_dir, split, image_size, workers, fake=False):
     dataset = (FakeData(size, (3, image_size, image_size), PET_CLASSES, transform, random_offset=offset) if fake
                else OxfordIIITPet(data_dir, split, transform=transform, download=True))
     images, labels = [], []
-    for x, y in DataLoader(dataset, batch_size=64, num_workers=workers):
+    for x, y in torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=workers):
         images.append(x), labels.append(y)
         print(f"\rdecoding {split}: {sum(map(len, labels))}/{len(dataset)} images", end="", flush=True)
     print()
@@ -173,6 +163,21 @@ def augment(x, min_scale=0.25):  # (b, c, s, s) float
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)  # (b, s, s, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
+def mix(x, y, num_classes):  # (b, c, s, s) float, (b,) labels
+    """Mixup (Zhang et al., 2018) or CutMix (Yun et al., 2019), each half the time: every image is blended with, or
+    has a box pasted in from, another image of the batch, and its target is mixed in the same proportion."""
+    s, other = x.shape[-1], torch.randperm(len(x), device=x.device)
+    if torch.rand(()) < 0.5:  # mixup: lam of this image and 1 - lam of the other, lam ~ Beta(0.8, 0.8)
+        lam = torch.distributions.Beta(0.8, 0.8).sample().item()
+        x = lam * x + (1 - lam) * x[other]
+    else:  # cutmix: a box of about 1 - lam of the area, lam ~ Uniform(0, 1), centred anywhere, cut at the border
+        half, (cy, cx) = int(s * math.sqrt(1 - torch.rand(()).item())) // 2, torch.randint(s, (2,)).tolist()
+        y0, y1, x0, x1 = max(cy - half, 0), min(cy + half, s), max(cx - half, 0), min(cx + half, s)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = x[other, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / s**2  # the share of each image that is still its own
+    return x, lam * F.one_hot(y, num_classes) + (1 - lam) * F.one_hot(y[other], num_classes)  # (b, classes) targets
+
 class Batches:
     """Mini-batches from uint8 images kept on the device; for training shuffled, and augmented a batch at a time."""
     def __init__(self, images, labels, batch_size, device, train=False):
@@ -192,9 +197,8 @@ class Batches:
 
 # ------------------------------------------------------------------------------------- training
 def write_whole(path, write):  # to a temporary name, then renamed: a crash never leaves half a file behind
-    tmp = Path(f"{path}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    write(f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 def train_step(model, opt, x, y, label_smoothing):  # the model in train mode
     with torch.autocast(x.device.type, torch.bfloat16, enabled=x.device.type == "cuda"):
@@ -215,11 +219,11 @@ def evaluate(model, loader):  # mean cross-entropy and accuracy (a fraction) ove
     logits, labels = torch.cat(logits), torch.cat(labels)  # (n, classes), (n,)
     return F.cross_entropy(logits, labels).item(), (logits.argmax(-1) == labels).float().mean().item()
 
-def train(model, train_loader, test_loader, epochs, lr=1e-3, weight_decay=0.05, warmup=5, label_smoothing=0.1,
+def train(model, train_loader, test_loader, epochs, lr=3e-4, weight_decay=0.05, warmup=5, label_smoothing=0.1,
           compile=False, checkpoint=None, resume=None):
-    """AdamW on cross-entropy; the lr warms up linearly for `warmup` epochs (a tenth of a shorter run), then
-    decays to zero on a cosine. Each epoch is saved to `checkpoint`; `resume` takes such a saved state and goes on.
-    Ctrl-C stops, keeping the last whole epoch. Returns the history: a list per quantity, an entry per epoch."""
+    """AdamW on cross-entropy against Mixup/CutMix targets; the lr warms up linearly for `warmup` epochs (a tenth of a
+    shorter run), then decays to zero on a cosine. Each epoch is saved to `checkpoint`, and `resume` goes on from such
+    a state. Ctrl-C stops, keeps the last whole epoch. Returns the history: a list per quantity, one entry an epoch."""
     decay = [p for p in model.parameters() if p.ndim == 2]  # weight matrices decay; biases, norms, cls, pos do not
     rest = [p for p in model.parameters() if p.ndim != 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}], lr)
@@ -239,7 +243,7 @@ def train(model, train_loader, test_loader, epochs, lr=1e-3, weight_decay=0.05, 
                 scale = step / warmup_steps if step < warmup_steps else 0.5 * (1 + math.cos(math.pi * step / steps))
                 for group in opt.param_groups:
                     group["lr"] = lr * scale
-                total += train_step(fast, opt, x, y, label_smoothing)
+                total += train_step(fast, opt, *mix(x, y, model.config["num_classes"]), label_smoothing)
             train_loss = total.item() / len(train_loader)  # .item() waits for the device, so the clock is fair
             speed = len(train_loader) * train_loader.batch_size / (time.perf_counter() - t0)
             test_loss, test_acc = evaluate(fast, test_loader)
@@ -298,8 +302,8 @@ def plot_patches(image, patch_size, path):  # uint8 (3, s, s)
 def plot_history(history, path):
     epochs = range(1, len(history["train_loss"]) + 1)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(epochs, history["train_loss"], label="train"), left.plot(epochs, history["test_loss"], label="test")
-    left.set(xlabel="epoch", ylabel="cross-entropy loss"), left.legend()
+    left.plot(epochs, history["train_loss"]), left.plot(epochs, history["test_loss"])
+    left.set(xlabel="epoch", ylabel="cross-entropy loss"), left.legend(["train (augmented, mixed)", "test"])
     right.plot(epochs, history["test_acc"]), right.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1))
     save_figure(fig, path)
 
@@ -322,10 +326,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description="Train a Vision Transformer on Oxford-IIIT Pet and plot what it learned.")
     p.add_argument("--data-dir", default="./data", help="where Oxford-IIIT Pet is, or is downloaded to")
     p.add_argument("--out-dir", default="./out", help="for vit.pt, patches.png, loss.png, attention.png")
-    for name, default in [("epochs", 100), ("batch-size", 32), ("image-size", 96), ("patch-size", 8), ("dim", 128),
+    for name, default in [("epochs", 100), ("batch-size", 8), ("image-size", 96), ("patch-size", 8), ("dim", 128),
                           ("depth", 4), ("heads", 4), ("mlp-dim", 256)]:  # as accurate on pets3 as 192 wide, 6 deep
         p.add_argument(f"--{name}", type=positive, default=default)
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3, or 1e-4 with --pretrained)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-4, or 3e-5 with --pretrained)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cuda", "mps", "cpu"], help="default: cuda, then mps, then cpu")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding JPEGs")
@@ -380,7 +384,7 @@ def main(argv=None):
     train_loader = Batches(*train_data, args.batch_size, args.device, train=True)
     test_loader = Batches(*test_data, args.batch_size, args.device)
     plot_patches(test_data[0][0], model.config["patch_size"], out / "patches.png")
-    lr = args.lr or (1e-4 if args.pretrained else 1e-3)  # fine-tuning takes smaller steps
+    lr = args.lr or (3e-5 if args.pretrained else 3e-4)  # fine-tuning takes smaller steps
     history = train(model, train_loader, test_loader, args.epochs, lr, compile=args.compile, checkpoint=out / "vit.pt",
                     resume=state)
     plot_history(history, out / "loss.png")
