@@ -182,7 +182,6 @@ def test_augmentation_keeps_shape_dtype_and_labels():
     assert sum(changed) >= 6  # nearly every image is cropped or mirrored (a crop can cover the whole width)
 
 
-
 def test_mix_blends_images_and_targets_in_the_same_proportion():
     values = torch.arange(8.0)  # image i is flat grey i and has label i
     images = values.view(8, 1, 1, 1).expand(8, 3, 12, 12)
