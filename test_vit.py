@@ -1,4 +1,6 @@
 """Tests for vit.py: CPU only, about a minute. Run: python -m pytest test_vit.py"""
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -7,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.models.vision_transformer import VisionTransformer
@@ -14,14 +17,26 @@ from torchvision.models.vision_transformer import VisionTransformer
 import vit
 
 PETS3 = Path(__file__).resolve().parent.parent / "shared" / "data" / "pets3"
-TINY = ["--image-size", "32", "--patch-size", "8", "--dim", "32", "--depth", "2", "--heads", "2", "--mlp-dim", "64",
-        "--batch-size", "32", "--workers", "0", "--fake-data"]
-DETERMINISTIC = ("train_loss", "test_loss", "test_acc", "lr")  # the history without its timings
+TINY = ["--image-size", "32", "--patch-size", "8", "--dim", "32", "--depth", "2", "--heads", "2",
+        "--mlp-dim", "64", "--batch-size", "32", "--workers", "0", "--fake-data"]
+DETERMINISTIC = ("train_loss", "test_loss", "test_acc", "lr")  # the history less its timings
 
 
 def tiny_vit(**changes):
-    config = dict(image_size=32, patch_size=8, num_classes=5, dim=32, depth=2, heads=2, mlp_dim=64) | changes
-    return vit.ViT(**config)
+    config = dict(image_size=32, patch_size=8, num_classes=5, dim=32, depth=2, heads=2, mlp_dim=64)
+    return vit.ViT(**(config | changes))
+
+
+def random_torchvision_vit(**changes):
+    torch.manual_seed(0)
+    config = dict(image_size=32, patch_size=8, num_layers=3, num_heads=4, hidden_dim=64,
+                  mlp_dim=128, num_classes=7)
+    tv = VisionTransformer(**(config | changes)).eval()
+    # its head, positions and biases start at zero: randomise everything
+    with torch.no_grad():
+        for param in tv.parameters():
+            param.normal_(0, 0.2)
+    return tv
 
 
 @pytest.fixture
@@ -36,15 +51,16 @@ def offline(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------------------------------- model
 
-
-@pytest.mark.parametrize("image_size, patch_size, channels, heads, depth", [(32, 8, 3, 2, 2), (28, 7, 1, 4, 1),
-                                                                            (48, 16, 3, 1, 3), (16, 16, 1, 2, 1)])
+@pytest.mark.parametrize("image_size, patch_size, channels, heads, depth",
+                         [(32, 8, 3, 2, 2), (28, 7, 1, 4, 1), (48, 16, 3, 1, 3), (16, 16, 1, 2, 1)])
 def test_output_shape(image_size, patch_size, channels, heads, depth):
-    model = tiny_vit(image_size=image_size, patch_size=patch_size, channels=channels, heads=heads, depth=depth)
+    model = tiny_vit(image_size=image_size, patch_size=patch_size, channels=channels, heads=heads,
+                     depth=depth)
     assert model(torch.randn(3, channels, image_size, image_size)).shape == (3, 5)
     logits, weights = model(torch.randn(2, channels, image_size, image_size), return_weights=True)
     n = (image_size // patch_size) ** 2 + 1
-    assert logits.shape == (2, 5) and [w.shape for w in weights] == [(2, heads, n, n)] * depth
+    assert logits.shape == (2, 5)
+    assert [w.shape for w in weights] == [(2, heads, n, n)] * depth
 
 
 def test_patch_embedding_is_a_strided_convolution():
@@ -68,21 +84,31 @@ def test_explicit_attention_equals_fused_attention():
 
 
 def test_from_torchvision_gives_the_same_logits():
-    torch.manual_seed(0)
-    tv = VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=4, hidden_dim=64, mlp_dim=128,
-                           num_classes=7).eval()
-    with torch.no_grad():  # its head and positional embedding start at zero, biases too: randomise everything
-        for p in tv.parameters():
-            p.normal_(0, 0.2)
+    tv = random_torchvision_vit()
     model = vit.from_torchvision(tv).eval()
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         ours, theirs = model(x), tv(x)
     assert (ours - theirs).norm() / theirs.norm() < 1e-5
-    assert model.config == dict(image_size=32, patch_size=8, num_classes=7, dim=64, depth=3, heads=4, mlp_dim=128,
-                                channels=3)
+    assert model.config == dict(image_size=32, patch_size=8, num_classes=7, dim=64, depth=3,
+                                heads=4, mlp_dim=128, channels=3)
     fresh = vit.from_torchvision(tv, num_classes=37)
-    assert fresh.head.out_features == 37 and fresh.head.weight.abs().sum() == 0 and fresh.config["num_classes"] == 37
+    assert fresh.head.out_features == 37 and fresh.config["num_classes"] == 37
+    assert fresh.head.weight.abs().sum() == 0
+
+
+def test_from_torchvision_refuses_models_it_cannot_copy():
+    from torchvision.models.vision_transformer import ConvStemConfig
+    stem = [ConvStemConfig(out_channels=64, kernel_size=3, stride=8)]
+    with pytest.raises(ValueError, match="patch convolution and a linear head"):
+        vit.from_torchvision(random_torchvision_vit(conv_stem_configs=stem))
+    with pytest.raises(ValueError, match="patch convolution and a linear head"):
+        vit.from_torchvision(random_torchvision_vit(representation_size=16))
+    tv = random_torchvision_vit()
+    tv.encoder.pos_embedding = nn.Parameter(torch.zeros(1, 5, 64))  # 4 patches, not 16
+    with pytest.raises(ValueError, match=r"encoder.pos_embedding is \(1, 5, 64\), our "
+                                         r"pos_embedding \(1, 17, 64\)"):
+        vit.from_torchvision(tv)
 
 
 def test_every_parameter_gets_a_gradient_and_a_tiny_batch_is_learned():
@@ -99,131 +125,184 @@ def test_every_parameter_gets_a_gradient_and_a_tiny_batch_is_learned():
     assert (model(x).argmax(-1) == y).all()
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: tiny_vit(image_size=30), "image_size 30 is not a multiple of patch_size 8"),
-    (lambda: tiny_vit(dim=30, heads=4), "dim 30 is not a multiple of heads 4"),
-    (lambda: tiny_vit()(torch.randn(3, 32, 32)), r"expected images of shape \(batch, 3, 32, 32\), got \(3, 32, 32\)"),
-    (lambda: tiny_vit()(torch.randn(2, 1, 32, 32)), r"shape \(batch, 3, 32, 32\), got \(2, 1, 32, 32\)"),
-    (lambda: tiny_vit()(torch.randn(2, 3, 64, 64)), r"shape \(batch, 3, 32, 32\), got \(2, 3, 64, 64\)"),
+@pytest.mark.parametrize("changes, message", [
+    (dict(image_size=30), "image_size 30 is not a multiple of patch_size 8"),
+    (dict(dim=30, heads=4), "dim 30 is not a multiple of heads 4"),
+    (dict(patch_size=0), "patch_size must be a positive integer, got 0"),
+    (dict(heads=0), "heads must be a positive integer, got 0"),
+    (dict(depth=0), "depth must be a positive integer, got 0"),
+    (dict(dim=-32), "dim must be a positive integer, got -32"),
+    (dict(mlp_dim=64.0), "mlp_dim must be a positive integer, got 64.0"),
+    (dict(num_classes=True), "num_classes must be a positive integer, got True"),
 ])
-def test_bad_config_and_bad_input_raise_value_errors(make, message):
+def test_bad_sizes_raise_value_errors_naming_the_argument(changes, message):
     with pytest.raises(ValueError, match=message):
-        make()
+        tiny_vit(**changes)
+
+
+@pytest.mark.parametrize("images, message", [
+    (torch.randn(3, 32, 32), r"\(batch, 3, 32, 32\), got torch.float32 \(3, 32, 32\)"),
+    (torch.randn(2, 1, 32, 32), r"got torch.float32 \(2, 1, 32, 32\)"),
+    (torch.randn(2, 3, 64, 64), r"got torch.float32 \(2, 3, 64, 64\)"),
+    (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "got torch.uint8 .* vit.normalise converts"),
+])
+def test_bad_batches_raise_value_errors(images, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_vit()(images)
 
 
 def test_attention_rollout_maps_sum_to_one_over_the_patches():
-    model = tiny_vit()
-    maps = vit.attention_rollout(model, torch.randn(3, 3, 32, 32))
+    _, weights = tiny_vit()(torch.randn(3, 3, 32, 32), return_weights=True)
+    maps = vit.attention_rollout(weights)
     assert maps.shape == (3, 4, 4) and (maps >= 0).all()
     torch.testing.assert_close(maps.sum((1, 2)), torch.ones(3))
 
 
 # ----------------------------------------------------------------------------------------- data
 
-
 def write_pet(root):
-    """A small Pet in torchvision's layout, its quirks included: a grayscale JPEG, and an RGBA and a palette
-    image that are PNGs named .jpg. Returns the trainval and test image names."""
-    images, annotations = root / "oxford-iiit-pet" / "images", root / "oxford-iiit-pet" / "annotations"
-    images.mkdir(parents=True), annotations.mkdir()
+    """A small Pet in torchvision's layout, its quirks included: a grayscale JPEG, and an RGBA and a
+    palette image that are PNGs named .jpg. Returns the trainval and test image names."""
+    images = root / "oxford-iiit-pet" / "images"
+    annotations = root / "oxford-iiit-pet" / "annotations"
+    images.mkdir(parents=True)
+    annotations.mkdir()
     generator = torch.Generator().manual_seed(0)
     splits = {"trainval": [], "test": []}
-    for i, (name, class_id, mode) in enumerate([("Abyssinian_1", 1, "RGB"), ("Abyssinian_2", 1, "L"),
-                                                ("Bengal_1", 6, "RGBA"), ("american_bulldog_1", 2, "RGB"),
-                                                ("Bengal_2", 6, "P"), ("american_bulldog_2", 2, "RGB")]):
+    files = [("Abyssinian_1", 1, "RGB"), ("Abyssinian_2", 1, "L"), ("Bengal_1", 6, "RGBA"),
+             ("american_bulldog_1", 2, "RGB"), ("Bengal_2", 6, "P"),
+             ("american_bulldog_2", 2, "RGB")]
+    for i, (name, class_id, mode) in enumerate(files):
         pixels = torch.randint(0, 256, (40 + 9 * i, 50, 3), dtype=torch.uint8, generator=generator)
-        Image.fromarray(pixels.numpy()).convert(mode).save(images / f"{name}.jpg", "JPEG" if mode in "RGBL" else "PNG")
-        splits["test" if i >= 4 else "trainval"].append(name)
-        with open(annotations / f"{'test' if i >= 4 else 'trainval'}.txt", "a") as f:
+        kind = "JPEG" if mode in ("RGB", "L") else "PNG"
+        Image.fromarray(pixels.numpy()).convert(mode).save(images / f"{name}.jpg", kind)
+        split = "test" if i >= 4 else "trainval"
+        splits[split].append(name)
+        with open(annotations / f"{split}.txt", "a") as f:
             f.write(f"{name} {class_id} {2 if 'bulldog' in name else 1} 1\n")
     return splits
 
 
-def test_pet_is_decoded_to_rgb_tensors_and_cached(tmp_path):
+def test_pet_is_decoded_to_rgb_tensors_with_breed_names(tmp_path):
     names = write_pet(tmp_path)["trainval"]
-    images, labels = vit.load_data(tmp_path, "trainval", 32, workers=0)
+    images, labels, breeds = vit.load_data(tmp_path, "trainval", 32, workers=0)
     assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
-    assert labels.tolist() == [0, 0, 5, 1]  # Pet's class ids less one: the head needs all 37 outputs
-    for image, name in zip(images, names):  # exactly the decoded, resized and centre-cropped images
+    assert labels.tolist() == [0, 0, 5, 1]  # Pet's class ids less one: the head needs all 37
+    assert breeds == {0: "Abyssinian", 1: "American Bulldog", 5: "Bengal"}
+    for image, name in zip(images, names):  # exactly the decoded, resized, centre-cropped images
         pil = Image.open(tmp_path / "oxford-iiit-pet" / "images" / f"{name}.jpg").convert("RGB")
         assert torch.equal(image, TF.pil_to_tensor(TF.center_crop(TF.resize(pil, 32), 32)))
     assert torch.equal(images[1][0], images[1][2])  # the grayscale image, as RGB
-    for jpeg in (tmp_path / "oxford-iiit-pet" / "images").iterdir():
-        jpeg.unlink()  # a second load reads the cache, not the JPEGs
-    cached_images, cached_labels = vit.load_data(tmp_path, "trainval", 32, workers=0)
-    assert torch.equal(cached_images, images) and torch.equal(cached_labels, labels)
+    assert not list(tmp_path.glob("*.pt"))  # decoded into memory only: no cache to go stale
 
 
 @pytest.mark.skipif(not PETS3.exists(), reason="../shared/data/pets3 is not beside this checkout")
 def test_real_pet_slice_loads(tmp_path):
-    (tmp_path / "oxford-iiit-pet").symlink_to(PETS3 / "oxford-iiit-pet")  # keeps the cache out of shared/
-    images, labels = vit.load_data(tmp_path, "test", 48, workers=2)
+    (tmp_path / "oxford-iiit-pet").symlink_to(PETS3 / "oxford-iiit-pet")
+    images, labels, breeds = vit.load_data(tmp_path, "test", 48, workers=2)
     assert images.shape == (298, 3, 48, 48) and sorted(set(labels.tolist())) == [0, 1, 5]
-    assert 60 < images.float().mean() < 190 and images.float().std() > 30  # real pictures, not blank
+    assert breeds == {0: "Abyssinian", 1: "American Bulldog", 5: "Bengal"}
+    assert 60 < images.float().mean() < 190 and images.float().std() > 30  # real pictures
 
 
-def test_augmentation_keeps_shape_dtype_and_labels():
+def test_batches_augment_for_training_and_keep_each_label_with_its_image():
     torch.manual_seed(0)
-    images = (torch.arange(10, dtype=torch.uint8) * 25).view(10, 1, 1, 1).expand(10, 3, 16, 16)  # image i: grey 25 i
+    # image i is flat grey 25 i, with label 20 + i
+    images = (torch.arange(10, dtype=torch.uint8) * 25).view(10, 1, 1, 1).expand(10, 3, 16, 16)
     labels = torch.arange(10) + 20
     mean, std = torch.tensor(vit.MEAN).view(3, 1, 1), torch.tensor(vit.STD).view(3, 1, 1)
-    (x, y), = vit.Batches(images, labels, 10, "cpu", train=True)
+    (x, y), = vit.batches(images, labels, 10, train=True)
     assert x.shape == (10, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert sorted(y.tolist()) == labels.tolist()  # shuffled, every image once
     grey = ((y - 20) * 25.0).view(10, 1, 1, 1).expand(10, 3, 16, 16)
-    torch.testing.assert_close((x * std + mean) * 255, grey, atol=1e-3, rtol=0)  # each label kept its own image
-    (x, y), = vit.Batches(images, labels, 10, "cpu")  # evaluation: in order, not augmented
+    torch.testing.assert_close((x * std + mean) * 255, grey, atol=1e-3, rtol=0)
+    (x, y), = vit.batches(images, labels, 10)  # evaluation: in order, not augmented
     torch.testing.assert_close((x * std + mean) * 255, images.float(), atol=1e-3, rtol=0)
     assert torch.equal(y, labels)
+    assert len(list(vit.batches(images, labels, 4, train=True))) == 2  # whole batches only
+    assert [len(y) for _, y in vit.batches(images, labels, 4)] == [4, 4, 2]  # every test image
     ramp = torch.linspace(-1, 1, 16).expand(8, 3, 16, 16)
     crops = vit.augment(ramp)
     assert crops.shape == ramp.shape and crops.min() >= -1 and crops.max() <= 1
     changed = [not torch.allclose(crop, ramp[0], atol=1e-2) for crop in crops]
-    assert sum(changed) >= 6  # nearly every image is cropped or mirrored (a crop can cover the whole width)
+    assert sum(changed) >= 6  # nearly every image is cropped or mirrored
 
 
-def test_mix_blends_images_and_targets_in_the_same_proportion():
+def test_mixer_blends_images_and_targets_in_the_same_proportion():
     values = torch.arange(8.0)  # image i is flat grey i and has label i
     images = values.view(8, 1, 1, 1).expand(8, 3, 12, 12)
+    mix = vit.mixer(num_classes=10)
     kinds = set()
-    for seed in range(20):  # both branches, mixup and cutmix, come up
+    for seed in range(20):  # both, mixup and cutmix, come up
         torch.manual_seed(seed)
-        x, target = vit.mix(images, torch.arange(8), num_classes=10)
+        x, target = mix(images, torch.arange(8))
         assert x.shape == images.shape and target.shape == (8, 10) and target[:, 8:].eq(0).all()
         torch.testing.assert_close(target.sum(-1), torch.ones(8))
-        torch.testing.assert_close(x.mean((1, 2, 3)), target[:, :8] @ values)  # pixel shares = target shares
-        kinds.add("cutmix" if torch.isin(x, values).all() else "mixup")  # cutmix moves pixels, never blends them
+        torch.testing.assert_close(x.mean((1, 2, 3)), target[:, :8] @ values)  # pixel shares
+        kinds.add("cutmix" if torch.isin(x, values).all() else "mixup")  # cutmix moves pixels
     assert kinds == {"mixup", "cutmix"}
-    assert torch.equal(images, values.view(8, 1, 1, 1).expand(8, 3, 12, 12))  # the input is left alone
+    assert torch.equal(images, values.view(8, 1, 1, 1).expand(8, 3, 12, 12))  # input untouched
+
+
+# ------------------------------------------------------------------------------------- training
+
+def test_lr_warms_up_from_above_zero_to_the_peak_then_follows_a_cosine():
+    lrs = [vit.lr_at(step, 1.0, warmup_steps=4, total_steps=20) for step in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]  # the peak at the last warm-up step
+    assert lrs[4] == 1.0 and all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+    assert 0 < lrs[-1] < 0.01
+    assert vit.lr_at(0, 1.0, warmup_steps=0, total_steps=1) == 1.0  # a one-step run learns
+
+
+def test_a_run_of_one_step_changes_the_weights():
+    torch.manual_seed(0)
+    model = tiny_vit()
+    before = [p.clone() for p in model.parameters()]
+    data = (torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 5)
+    history = vit.train(model, data, data, epochs=1, batch_size=8)
+    assert history["lr"] == [3e-4] and len(history["test_acc"]) == 1
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 # ---------------------------------------------------------------------------------- command line
 
-
 def run(tmp_path, *args):
-    vit.main([*TINY, "--out-dir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data"), *args])
+    out, data = str(tmp_path / "out"), str(tmp_path / "data")
+    vit.main([*TINY, "--out-dir", out, "--data-dir", data, *args])
     return torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
 
 
-def test_cli_writes_plots_and_a_checkpoint_that_loads_back(tmp_path):
-    state = run(tmp_path, "--epochs", "2")
+def refuse_to_decode(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("decoded data although the run should have stopped before")
+    monkeypatch.setattr(vit, "load_data", fail)
+
+
+def test_cli_writes_plots_and_a_checkpoint_with_every_option(tmp_path):
+    checkpoint = run(tmp_path, "--epochs", "2")
     for name in ("patches.png", "loss.png", "attention.png"):
         assert Image.open(tmp_path / "out" / name).size[0] > 300
-    assert not list((tmp_path / "out").glob("*.tmp"))
-    model = vit.ViT(**state["config"])
-    model.load_state_dict(state["model"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "attention.png", "loss.png", "patches.png", "vit.pt"]  # no .tmp, no probe left
+    model = vit.ViT(**checkpoint["config"])
+    model.load_state_dict(checkpoint["model"])
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 37)
-    assert len(state["history"]["test_acc"]) == 2 and all(0 <= a <= 1 for a in state["history"]["test_acc"])
+    assert len(checkpoint["history"]["test_acc"]) == 2
+    assert all(0 <= a <= 1 for a in checkpoint["history"]["test_acc"])
+    assert checkpoint["options"].keys() == vit.DEFAULTS.keys()
+    assert checkpoint["options"]["batch_size"] == 32 and checkpoint["options"]["fake_data"]
 
 
 def test_same_seed_same_history(tmp_path):
     first = run(tmp_path / "a", "--epochs", "2", "--seed", "3")["history"]
     second = run(tmp_path / "b", "--epochs", "2", "--seed", "3")["history"]
     other = run(tmp_path / "c", "--epochs", "2", "--seed", "4")["history"]
-    assert all(first[k] == second[k] for k in DETERMINISTIC) and first["train_loss"] != other["train_loss"]
+    assert all(first[k] == second[k] for k in DETERMINISTIC)
+    assert first["train_loss"] != other["train_loss"]
 
 
-def test_interrupted_run_saves_and_resumes_to_the_same_history(tmp_path, monkeypatch):
+def test_interrupted_run_resumes_with_its_own_options_to_the_same_history(tmp_path, monkeypatch,
+                                                                         capsys):
     uninterrupted = run(tmp_path / "whole", "--epochs", "3")["history"]
     evaluate, calls = vit.evaluate, []
 
@@ -236,65 +315,198 @@ def test_interrupted_run_saves_and_resumes_to_the_same_history(tmp_path, monkeyp
     with pytest.raises(SystemExit) as exit:
         run(tmp_path / "cut", "--epochs", "3")
     assert exit.value.code == 130
-    saved = torch.load(tmp_path / "cut" / "out" / "vit.pt", weights_only=True)
-    assert len(saved["history"]["test_acc"]) == 1 and (tmp_path / "cut" / "out" / "loss.png").exists()
+    out = tmp_path / "cut" / "out"
+    assert "interrupted: " + str(out / "vit.pt") in capsys.readouterr().err
+    saved = torch.load(out / "vit.pt", weights_only=True)
+    assert len(saved["history"]["test_acc"]) == 1 and (out / "loss.png").exists()
     monkeypatch.setattr(vit, "evaluate", evaluate)
-    resumed = run(tmp_path / "cut", "--epochs", "3", "--resume")["history"]
+    # only where things are: every other option comes from the checkpoint
+    vit.main(["--out-dir", str(out), "--resume", "--workers", "0", "--epochs", "3"])
+    resumed = torch.load(out / "vit.pt", weights_only=True)["history"]
     assert all(resumed[k] == uninterrupted[k] for k in DETERMINISTIC)
+    with pytest.raises(SystemExit, match="is a finished run of 3 epochs: there is nothing"):
+        vit.main(["--out-dir", str(out), "--resume"])
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--epochs", "5"], "--epochs 5 differs from the resumed run's 3"),
+    (["--lr", "0.001"], "--lr 0.001 differs from the resumed run's 0.0003"),
+    (["--fake-data", "--compile"], "--compile True differs from the resumed run's False"),
+])
+def test_resume_refuses_options_that_differ_from_the_run(tmp_path, monkeypatch, capsys, option,
+                                                         message):
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save({"options": vit.DEFAULTS | {"epochs": 3, "fake_data": True}}, out / "vit.pt")
+    refuse_to_decode(monkeypatch)
+    with pytest.raises(SystemExit) as exit:
+        vit.main(["--out-dir", str(out), "--resume", "--data-dir", "elsewhere", *option])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_fresh_run_never_replaces_a_saved_one(tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "vit.pt").write_bytes(b"forty epochs of work")
+    load_data = vit.load_data
+    refuse_to_decode(monkeypatch)
+    with pytest.raises(SystemExit, match="holds a run: go on with --resume, or use another"):
+        run(tmp_path)
+    assert (tmp_path / "out" / "vit.pt").read_bytes() == b"forty epochs of work"
+
+    def another_run_starts_meanwhile(*args):
+        (tmp_path / "second" / "out" / "vit.pt").write_bytes(b"the other run's")
+        return load_data(*args)
+    monkeypatch.setattr(vit, "load_data", another_run_starts_meanwhile)
+    with pytest.raises(SystemExit, match="File exists"):
+        run(tmp_path / "second")
+    assert (tmp_path / "second" / "out" / "vit.pt").read_bytes() == b"the other run's"
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    train_step, calls = vit.train_step, []
+
+    def nan_in_epoch_two(*args):
+        calls.append(1)
+        loss = train_step(*args)
+        return loss * float("nan") if len(calls) > 8 else loss  # 8 steps an epoch
+    monkeypatch.setattr(vit, "train_step", nan_in_epoch_two)
+    with pytest.raises(SystemExit, match="the training loss is nan in epoch 2: stopped") as exit:
+        run(tmp_path, "--epochs", "3")
+    assert exit.value.code != 0
+    saved = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
+    assert len(saved["history"]["test_acc"]) == 1
+
+
+def test_full_disk_exits_1_keeping_the_last_checkpoint_and_no_tmp(tmp_path, monkeypatch):
+    save, calls = torch.save, []
+
+    def full_after_two(*args):
+        calls.append(1)
+        if len(calls) > 2:  # epoch 0 and epoch 1 are written
+            raise OSError(28, "No space left on device")
+        return save(*args)
+    monkeypatch.setattr(torch, "save", full_after_two)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        run(tmp_path, "--epochs", "3")
+    assert not list((tmp_path / "out").glob("*.tmp"))
+    monkeypatch.setattr(torch, "save", save)
+    saved = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
+    assert len(saved["history"]["test_acc"]) == 1
+
+
+def test_ctrl_c_while_decoding_exits_130_saying_nothing_was_saved(tmp_path, monkeypatch, capsys):
+    def interrupt(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(vit, "load_data", interrupt)
+    with pytest.raises(SystemExit) as exit:
+        run(tmp_path)
+    assert exit.value.code == 130
+    assert "interrupted: no checkpoint written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"PK\x03\x04truncated"])
+def test_resume_from_a_broken_checkpoint_exits_1_with_a_message(tmp_path, monkeypatch, content):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "vit.pt").write_bytes(content)
+    refuse_to_decode(monkeypatch)
+    with pytest.raises(SystemExit, match="--resume found no vit.py checkpoint at .*vit.pt"):
+        vit.main(["--out-dir", str(tmp_path / "out"), "--resume"])
+
+
+def test_resume_from_a_foreign_checkpoint_or_none_exits_1(tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    refuse_to_decode(monkeypatch)
+    with pytest.raises(SystemExit, match=r"no vit.py checkpoint at .* \(FileNotFoundError\)"):
+        vit.main(["--out-dir", str(tmp_path / "out"), "--resume"])
+    torch.save({"model": {}}, tmp_path / "out" / "vit.pt")
+    with pytest.raises(SystemExit, match=r"no vit.py checkpoint at .* \(KeyError\)"):
+        vit.main(["--out-dir", str(tmp_path / "out"), "--resume"])
+
+
+@pytest.mark.parametrize("where", ["file", "file/under"])
+def test_unusable_out_dir_exits_1_before_decoding(tmp_path, monkeypatch, where):
+    (tmp_path / "file").write_text("a file, not a folder")
+    refuse_to_decode(monkeypatch)
+    with pytest.raises(SystemExit, match="cannot write to --out-dir"):
+        vit.main([*TINY, "--out-dir", str(tmp_path / where)])
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_pretrained_path_with_random_torchvision_weights(tmp_path, monkeypatch):
-    import torchvision
-    small = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64)
+    small = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2,
+                              hidden_dim=32, mlp_dim=64)
     monkeypatch.setattr(torchvision.models, "vit_b_16", lambda weights: small)
     train, start = vit.train, {}
 
     def spy(model, *args, **kwargs):
         start.update({k: v.clone() for k, v in model.state_dict().items()})
+        start["lr"] = args[4]
         return train(model, *args, **kwargs)
     monkeypatch.setattr(vit, "train", spy)
-    state = run(tmp_path, "--epochs", "1", "--pretrained", "--image-size", "64")  # the image size is ViT-B's own
-    assert state["config"] == dict(image_size=32, patch_size=16, num_classes=37, dim=32, depth=1, heads=2,
-                                   mlp_dim=64, channels=3)
-    assert torch.equal(start["blocks.0.attn.qkv.weight"], small.encoder.layers[0].self_attention.in_proj_weight)
+    # the image size is ViT-B's own, whatever the command line says
+    checkpoint = run(tmp_path, "--epochs", "1", "--pretrained", "--image-size", "64")
+    assert checkpoint["config"] == dict(image_size=32, patch_size=16, num_classes=37, dim=32,
+                                        depth=1, heads=2, mlp_dim=64, channels=3)
+    weight = small.encoder.layers[0].self_attention.in_proj_weight
+    assert torch.equal(start["blocks.0.attn.qkv.weight"], weight)
     assert start["head.weight"].shape == (37, 32) and not start["head.weight"].any()
+    assert start["lr"] == 3e-5  # fine-tuning takes smaller steps
 
 
 def test_pretrained_without_network_exits_1_with_a_clear_message(tmp_path, offline):
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit, match="could not download torchvision's ViT-B/16.*--pretrained"):
         run(tmp_path, "--pretrained")
-    assert "could not download torchvision's ViT-B/16" in exit.value.code and "without --pretrained" in exit.value.code
 
 
 def test_missing_pet_without_network_exits_1_with_a_clear_message(tmp_path, offline):
     with pytest.raises(SystemExit) as exit:
-        vit.main(["--data-dir", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "out"), "--workers", "0"])
+        vit.main(["--data-dir", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "out"),
+                  "--workers", "0"])
     assert f"could not load Oxford-IIIT Pet from {tmp_path / 'nothing'}" in exit.value.code
     assert "--data-dir" in exit.value.code and "--fake-data" in exit.value.code
+    assert not (tmp_path / "out" / "vit.pt").exists()  # the folder stays free for the next try
 
 
-def test_broken_image_exits_1_naming_the_file(tmp_path):
+@pytest.mark.parametrize("damage", ["image", "annotation"])
+def test_broken_pet_exits_1_with_a_message(tmp_path, damage):
     write_pet(tmp_path / "data")
-    (tmp_path / "data" / "oxford-iiit-pet" / "images" / "Abyssinian_2.jpg").write_bytes(b"not a picture")
+    pet = tmp_path / "data" / "oxford-iiit-pet"
+    if damage == "image":
+        (pet / "images" / "Abyssinian_2.jpg").write_bytes(b"not a picture")
+    else:
+        (pet / "annotations" / "trainval.txt").write_text("Abyssinian_1 one 1 1\n")
     with pytest.raises(SystemExit) as exit:
-        vit.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"), "--workers", "1"])
-    assert "Abyssinian_2.jpg" in exit.value.code and "Traceback" not in exit.value.code
+        vit.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
+                  "--workers", "1"])
+    assert exit.value.code.startswith("error: could not load Oxford-IIIT Pet")
+    assert "Traceback" not in exit.value.code and "\n" not in exit.value.code
+    if damage == "image":
+        assert "Abyssinian_2.jpg" in exit.value.code
 
 
 def test_missing_dataset_from_the_shell_exits_1_without_traceback(tmp_path):
-    import subprocess
-    import sys
-    env = {"PATH": "/usr/bin:/bin", "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
-    done = subprocess.run([sys.executable, str(Path(vit.__file__)), "--data-dir", str(tmp_path), "--out-dir",
-                           str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+    env = {"PATH": "/usr/bin:/bin", "https_proxy": "http://127.0.0.1:9",
+           "http_proxy": "http://127.0.0.1:9"}
+    done = subprocess.run([sys.executable, str(Path(vit.__file__)), "--data-dir", str(tmp_path),
+                           "--out-dir", str(tmp_path / "out")], capture_output=True, text=True,
+                          env=env, timeout=120)
     assert done.returncode == 1 and "could not load Oxford-IIIT Pet" in done.stderr
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("args, message", [(["--epochs", "0"], "--epochs: must be a whole number of at least 1"),
-                                           (["--patch-size", "7"], "--patch-size 7 does not divide --image-size 96"),
-                                           (["--heads", "3"], "--heads 3 does not divide --dim 128"),
-                                           (["--lr", "-1"], "--lr must be in (0, 1), got -1.0")])
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs and --batch-size must be >= 1"),
+    (["--epochs", "ten"], "--epochs: invalid int value: 'ten'"),
+    (["--patch-size", "7"], "image_size 96 is not a multiple of patch_size 7"),
+    (["--heads", "3"], "dim 128 is not a multiple of heads 3"),
+    (["--depth", "0"], "depth must be a positive integer, got 0"),
+    (["--lr", "-1"], "--lr must be in (0, 1), got -1.0"),
+    (["--seed", "-1"], "--seed must be from 0 to 2**32 - 1, got -1"),
+    (["--seed", str(2**64)], "--seed must be from 0 to 2**32 - 1"),
+    (["--workers", "-2"], "--workers must be 0 or more, got -2"),
+    (["--device", "tpu"], "no --device tpu here"),
+    (["--epoch", "3"], "unrecognized arguments: --epoch 3"),
+])
 def test_bad_arguments_are_argparse_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit:
         vit.main(args)
