@@ -104,6 +104,10 @@ def test_from_torchvision_refuses_models_it_cannot_copy():
         vit.from_torchvision(random_torchvision_vit(conv_stem_configs=stem))
     with pytest.raises(ValueError, match="patch convolution and a linear head"):
         vit.from_torchvision(random_torchvision_vit(representation_size=16))
+    with pytest.raises(ValueError, match="patch convolution and a linear head"):
+        vit.from_torchvision(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="num_classes must be a positive integer, got 0"):
+        vit.from_torchvision(random_torchvision_vit(), num_classes=0)
     tv = random_torchvision_vit()
     tv.encoder.pos_embedding = nn.Parameter(torch.zeros(1, 5, 64))  # 4 patches, not 16
     with pytest.raises(ValueError, match=r"encoder.pos_embedding is \(1, 5, 64\), our "
@@ -126,8 +130,8 @@ def test_every_parameter_gets_a_gradient_and_a_tiny_batch_is_learned():
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(image_size=30), "image_size 30 is not a multiple of patch_size 8"),
-    (dict(dim=30, heads=4), "dim 30 is not a multiple of heads 4"),
+    (dict(image_size=30), "patch_size 8 does not divide image_size 30"),
+    (dict(dim=30, heads=4), "heads 4 does not divide dim 30"),
     (dict(patch_size=0), "patch_size must be a positive integer, got 0"),
     (dict(heads=0), "heads must be a positive integer, got 0"),
     (dict(depth=0), "depth must be a positive integer, got 0"),
@@ -140,11 +144,19 @@ def test_bad_sizes_raise_value_errors_naming_the_argument(changes, message):
         tiny_vit(**changes)
 
 
+def test_each_class_checks_its_own_sizes():
+    with pytest.raises(ValueError, match="patch_size 0 does not divide image_size 32"):
+        vit.PatchEmbedding(32, 0, 3, 8)
+    with pytest.raises(ValueError, match="heads 0 does not divide dim 32"):
+        vit.Attention(32, 0)
+
+
 @pytest.mark.parametrize("images, message", [
     (torch.randn(3, 32, 32), r"\(batch, 3, 32, 32\), got torch.float32 \(3, 32, 32\)"),
     (torch.randn(2, 1, 32, 32), r"got torch.float32 \(2, 1, 32, 32\)"),
     (torch.randn(2, 3, 64, 64), r"got torch.float32 \(2, 3, 64, 64\)"),
     (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "got torch.uint8 .* vit.normalise converts"),
+    (torch.zeros(2, 3, 32, 32, dtype=torch.float64), "expected torch.float32 .* got torch.float64"),
 ])
 def test_bad_batches_raise_value_errors(images, message):
     with pytest.raises(ValueError, match=message):
@@ -291,6 +303,8 @@ def test_cli_writes_plots_and_a_checkpoint_with_every_option(tmp_path):
     assert all(0 <= a <= 1 for a in checkpoint["history"]["test_acc"])
     assert checkpoint["options"].keys() == vit.DEFAULTS.keys()
     assert checkpoint["options"]["batch_size"] == 32 and checkpoint["options"]["fake_data"]
+    # absolute, so that --resume finds the data from any folder
+    assert checkpoint["options"]["data_dir"] == str(tmp_path / "data")
 
 
 def test_same_seed_same_history(tmp_path):
@@ -316,7 +330,8 @@ def test_interrupted_run_resumes_with_its_own_options_to_the_same_history(tmp_pa
         run(tmp_path / "cut", "--epochs", "3")
     assert exit.value.code == 130
     out = tmp_path / "cut" / "out"
-    assert "interrupted: " + str(out / "vit.pt") in capsys.readouterr().err
+    message = f"interrupted: {out}/vit.pt keeps 1 of 3 epochs, --resume goes on"
+    assert message in capsys.readouterr().err
     saved = torch.load(out / "vit.pt", weights_only=True)
     assert len(saved["history"]["test_acc"]) == 1 and (out / "loss.png").exists()
     monkeypatch.setattr(vit, "evaluate", evaluate)
@@ -324,8 +339,9 @@ def test_interrupted_run_resumes_with_its_own_options_to_the_same_history(tmp_pa
     vit.main(["--out-dir", str(out), "--resume", "--workers", "0", "--epochs", "3"])
     resumed = torch.load(out / "vit.pt", weights_only=True)["history"]
     assert all(resumed[k] == uninterrupted[k] for k in DETERMINISTIC)
-    with pytest.raises(SystemExit, match="is a finished run of 3 epochs: there is nothing"):
-        vit.main(["--out-dir", str(out), "--resume"])
+    assert "keeps 1 of 3 epochs, --resume goes on" not in capsys.readouterr().err
+    vit.main(["--out-dir", str(out), "--resume"])
+    assert "is a finished run of 3 epochs: there is nothing to resume" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("option, message", [
@@ -335,12 +351,13 @@ def test_interrupted_run_resumes_with_its_own_options_to_the_same_history(tmp_pa
 ])
 def test_resume_refuses_options_that_differ_from_the_run(tmp_path, monkeypatch, capsys, option,
                                                          message):
-    out = tmp_path / "out"
-    out.mkdir()
-    torch.save({"options": vit.DEFAULTS | {"epochs": 3, "fake_data": True}}, out / "vit.pt")
+    checkpoint = run(tmp_path, "--epochs", "1")
+    checkpoint["options"]["epochs"] = 3  # as if stopped after one of three epochs
+    torch.save(checkpoint, tmp_path / "out" / "vit.pt")
     refuse_to_decode(monkeypatch)
     with pytest.raises(SystemExit) as exit:
-        vit.main(["--out-dir", str(out), "--resume", "--data-dir", "elsewhere", *option])
+        vit.main(["--out-dir", str(tmp_path / "out"), "--resume", "--data-dir", "elsewhere",
+                  *option])
     assert exit.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -370,7 +387,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
         loss = train_step(*args)
         return loss * float("nan") if len(calls) > 8 else loss  # 8 steps an epoch
     monkeypatch.setattr(vit, "train_step", nan_in_epoch_two)
-    with pytest.raises(SystemExit, match="the training loss is nan in epoch 2: stopped") as exit:
+    message = "the training loss is nan in epoch 2, stopped: .*vit.pt keeps the run up to epoch 1"
+    with pytest.raises(SystemExit, match=message) as exit:
         run(tmp_path, "--epochs", "3")
     assert exit.value.code != 0
     saved = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
@@ -392,6 +410,19 @@ def test_full_disk_exits_1_keeping_the_last_checkpoint_and_no_tmp(tmp_path, monk
     monkeypatch.setattr(torch, "save", save)
     saved = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
     assert len(saved["history"]["test_acc"]) == 1
+
+
+def test_failed_first_save_leaves_no_checkpoint_behind(tmp_path, monkeypatch):
+    save = torch.save
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        run(tmp_path, "--epochs", "1")
+    assert not list((tmp_path / "out").iterdir())  # no vit.pt, not even an empty one, no .tmp
+    monkeypatch.setattr(torch, "save", save)
+    assert len(run(tmp_path, "--epochs", "1")["history"]["test_acc"]) == 1  # the folder is free
 
 
 def test_ctrl_c_while_decoding_exits_130_saying_nothing_was_saved(tmp_path, monkeypatch, capsys):
@@ -419,7 +450,7 @@ def test_resume_from_a_foreign_checkpoint_or_none_exits_1(tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match=r"no vit.py checkpoint at .* \(FileNotFoundError\)"):
         vit.main(["--out-dir", str(tmp_path / "out"), "--resume"])
     torch.save({"model": {}}, tmp_path / "out" / "vit.pt")
-    with pytest.raises(SystemExit, match=r"no vit.py checkpoint at .* \(KeyError\)"):
+    with pytest.raises(SystemExit, match=r"no vit.py checkpoint at .* \(it has other keys\)"):
         vit.main(["--out-dir", str(tmp_path / "out"), "--resume"])
 
 
@@ -443,10 +474,13 @@ def test_pretrained_path_with_random_torchvision_weights(tmp_path, monkeypatch):
         start["lr"] = args[4]
         return train(model, *args, **kwargs)
     monkeypatch.setattr(vit, "train", spy)
-    # the image size is ViT-B's own, whatever the command line says
-    checkpoint = run(tmp_path, "--epochs", "1", "--pretrained", "--image-size", "64")
+    vit.main(["--fake-data", "--workers", "0", "--batch-size", "32", "--epochs", "1",
+              "--pretrained", "--out-dir", str(tmp_path / "out")])
+    checkpoint = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
     assert checkpoint["config"] == dict(image_size=32, patch_size=16, num_classes=37, dim=32,
                                         depth=1, heads=2, mlp_dim=64, channels=3)
+    # the options record the sizes of the model that was trained
+    assert checkpoint["options"]["image_size"] == 32 and checkpoint["options"]["dim"] == 32
     weight = small.encoder.layers[0].self_attention.in_proj_weight
     assert torch.equal(start["blocks.0.attn.qkv.weight"], weight)
     assert start["head.weight"].shape == (37, 32) and not start["head.weight"].any()
@@ -455,7 +489,7 @@ def test_pretrained_path_with_random_torchvision_weights(tmp_path, monkeypatch):
 
 def test_pretrained_without_network_exits_1_with_a_clear_message(tmp_path, offline):
     with pytest.raises(SystemExit, match="could not download torchvision's ViT-B/16.*--pretrained"):
-        run(tmp_path, "--pretrained")
+        vit.main(["--pretrained", "--fake-data", "--out-dir", str(tmp_path / "out")])
 
 
 def test_missing_pet_without_network_exits_1_with_a_clear_message(tmp_path, offline):
@@ -497,8 +531,9 @@ def test_missing_dataset_from_the_shell_exits_1_without_traceback(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "0"], "--epochs and --batch-size must be >= 1"),
     (["--epochs", "ten"], "--epochs: invalid int value: 'ten'"),
-    (["--patch-size", "7"], "image_size 96 is not a multiple of patch_size 7"),
-    (["--heads", "3"], "dim 128 is not a multiple of heads 3"),
+    (["--patch-size", "7"], "patch_size 7 does not divide image_size 96"),
+    (["--heads", "3"], "heads 3 does not divide dim 128"),
+    (["--pretrained", "--dim", "64"], "--pretrained takes ViT-B/16's sizes"),
     (["--depth", "0"], "depth must be a positive integer, got 0"),
     (["--lr", "-1"], "--lr must be in (0, 1), got -1.0"),
     (["--seed", "-1"], "--seed must be from 0 to 2**32 - 1, got -1"),

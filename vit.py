@@ -18,12 +18,11 @@ from torchvision.datasets import FakeData, OxfordIIITPet
 
 # ------------------------------------------------------------------------------------ model
 class PatchEmbedding(nn.Module):
-    """Cut the image into p x p patches and project each to a token: a stride-p convolution."""
+    """Cut the image into p x p patches and project each to a token (as a stride-p convolution)."""
     def __init__(self, image_size, patch_size, channels, dim):
         super().__init__()
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of "
-                             f"patch_size {patch_size}")
+        if patch_size < 1 or image_size % patch_size:
+            raise ValueError(f"patch_size {patch_size} does not divide image_size {image_size}")
         self.patch_size = patch_size
         self.proj = nn.Linear(channels * patch_size**2, dim)
 
@@ -37,8 +36,8 @@ class Attention(nn.Module):
     """Multi-head self-attention: softmax(q k^T / sqrt(d)) v in each head, then heads mixed."""
     def __init__(self, dim, heads):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        if heads < 1 or dim % heads:
+            raise ValueError(f"heads {heads} does not divide dim {dim}")
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)  # q, k and v of every head in one matrix multiply
         self.proj = nn.Linear(dim, dim)
@@ -97,9 +96,9 @@ class ViT(nn.Module):
 
     def forward(self, images, return_weights=False):  # (b, c, h, w) float
         c, s = self.config["channels"], self.config["image_size"]
-        if images.shape[1:] != (c, s, s) or not images.is_floating_point():
-            raise ValueError(f"expected float images (batch, {c}, {s}, {s}), got {images.dtype} "
-                             f"{tuple(images.shape)}: vit.normalise converts uint8 images")
+        if images.shape[1:] != (c, s, s) or images.dtype != self.cls_token.dtype:
+            raise ValueError(f"expected {self.cls_token.dtype} images (batch, {c}, {s}, {s}), got "
+                             f"{images.dtype} {tuple(images.shape)}: vit.normalise converts uint8")
         x = self.patch_embed(images)  # (b, n, dim)
         cls = self.cls_token.expand(len(x), -1, -1)  # (b, 1, dim)
         x = torch.cat([cls, x], dim=1) + self.pos_embedding  # (b, n + 1, dim)
@@ -120,12 +119,17 @@ RENAMES = [("patch_embed.proj.", "conv_proj."), ("cls_token", "class_token"),
 def from_torchvision(tv, num_classes=None):
     """Our ViT with the weights of a torchvision VisionTransformer: it gives the same logits.
     With num_classes other than tv's, the head is new (zeros), ready for fine-tuning."""
-    if not isinstance(tv.conv_proj, nn.Conv2d) or tv.representation_size is not None:
+    has_patch_conv = isinstance(getattr(tv, "conv_proj", None), nn.Conv2d)
+    if not has_patch_conv or getattr(tv, "representation_size", None) is not None:
         raise ValueError("from_torchvision takes a ViT with a patch convolution and a linear head")
-    model = ViT(tv.image_size, tv.patch_size, tv.num_classes, tv.hidden_dim,
-                len(tv.encoder.layers), tv.encoder.layers[0].num_heads, tv.mlp_dim)
+    new_head = num_classes is not None and num_classes != tv.num_classes
+    model = ViT(tv.image_size, tv.patch_size, num_classes if new_head else tv.num_classes,
+                tv.hidden_dim, len(tv.encoder.layers), tv.encoder.layers[0].num_heads, tv.mlp_dim)
     theirs = tv.state_dict()
     for name, param in model.state_dict().items():
+        if new_head and name.startswith("head."):
+            param.zero_()  # a new head, for fine-tuning, starts at zero
+            continue
         their_name = name
         for our_part, their_part in RENAMES:
             their_name = their_name.replace(our_part, their_part)
@@ -137,11 +141,6 @@ def from_torchvision(tv, num_classes=None):
             shapes = f"{tuple(weight.shape)}, our {name} {tuple(param.shape)}"
             raise ValueError(f"torchvision's {their_name} is {shapes}")
         param.copy_(weight)
-    if num_classes is not None and num_classes != tv.num_classes:
-        model.head = nn.Linear(tv.hidden_dim, num_classes)
-        nn.init.zeros_(model.head.weight)
-        nn.init.zeros_(model.head.bias)
-        model.config["num_classes"] = num_classes
     return model
 
 # ------------------------------------------------------------------------------------- data
@@ -199,20 +198,20 @@ def mixer(num_classes):
     mixup = T.MixUp(alpha=0.8, num_classes=num_classes)
     return T.RandomChoice([mixup, T.CutMix(alpha=1.0, num_classes=num_classes)])
 
-
 def batches(images, labels, batch_size, train=False):  # uint8 images and labels, on the device
     """Normalised mini-batches; for training shuffled, augmented, and whole batches only."""
     order = torch.randperm(len(images)) if train else torch.arange(len(images))
+    order = order.to(images.device)
     # training drops the last partial batch, unless it is the only one
     end = max(len(images) // batch_size, 1) * batch_size if train else len(images)
     for start in range(0, end, batch_size):
-        indices = order[start:start + batch_size].to(images.device)
+        indices = order[start:start + batch_size]
         x = normalise(images[indices])  # (b, 3, s, s)
         yield (augment(x) if train else x), labels[indices]
 
 # --------------------------------------------------------------------------------- training
 def autocast(device):  # bf16 matrix multiplies on CUDA, float32 everywhere else
-    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
 def train_step(model, optimizer, images, targets, label_smoothing):  # the model in train mode
     with autocast(images.device):
@@ -240,12 +239,17 @@ def lr_at(step, peak, warmup_steps, total_steps):
         return peak * (step + 1) / warmup_steps
     return peak * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps))) / 2
 
-def write_whole(path, write):  # under a name of this process's own, then renamed: never half
+def write_whole(path, write, replace=True):
+    """write(file) under a name of this process's own, then rename it to path: no one ever sees
+    half a file. With replace=False, FileExistsError if path exists, so no run replaces another."""
     temporary = Path(f"{path}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as file:
             write(file)
-        os.replace(temporary, path)
+        if replace:
+            os.replace(temporary, path)
+        else:
+            os.link(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -267,15 +271,14 @@ def train(model, train_data, test_data, epochs, batch_size, lr=3e-4, weight_deca
         history = resume["history"]
         torch.set_rng_state(resume["rng"])
 
-    def save():  # all that --resume needs to go on as if never stopped
+    def save(replace=True):  # all that --resume needs to go on as if never stopped
         checkpoint = {"model": model.state_dict(), "config": model.config, "history": history,
                       "options": options, "optimizer": optimizer.state_dict(),
                       "rng": torch.get_rng_state()}
-        write_whole(path, lambda file: torch.save(checkpoint, file))
+        write_whole(path, lambda file: torch.save(checkpoint, file), replace)
 
     if path and not resume:
-        open(path, "x").close()  # claims path: FileExistsError if another run took it meanwhile
-        save()
+        save(replace=False)  # claims path: FileExistsError if another run took it meanwhile
     compiled = torch.compile(model) if compile else model
     steps = max(len(train_data[0]) // batch_size, 1)  # per epoch
     warmup_steps = int(min(warmup, epochs / 10) * steps)
@@ -294,7 +297,8 @@ def train(model, train_data, test_data, epochs, batch_size, lr=3e-4, weight_deca
             train_loss = loss_sum.item() / steps  # .item() waits for the device: a fair clock
             images_per_s = steps * len(images) / (time.perf_counter() - epoch_started)
             if not math.isfinite(train_loss):
-                raise FloatingPointError(f"the training loss is {train_loss} in epoch {epoch + 1}")
+                raise FloatingPointError(f"the training loss is {train_loss} in epoch {epoch + 1}, "
+                                         f"stopped: {path} keeps the run up to epoch {epoch}")
             test_loss, test_acc = evaluate(compiled, *test_data, batch_size)
             values = (train_loss, test_loss, test_acc, step_lr, images_per_s)
             for key, value in zip(history, values):
@@ -307,7 +311,7 @@ def train(model, train_data, test_data, epochs, batch_size, lr=3e-4, weight_deca
                   f"{test_loss:.3f}  test acc {test_acc:.1%}  {images_per_s:4.0f} img/s  "
                   f"{left / 60:4.1f} min left", flush=True)
     except KeyboardInterrupt:
-        print()
+        pass  # the checkpoint keeps the last whole epoch
     return history
 
 # ------------------------------------------------------------------------------------ plots
@@ -355,7 +359,7 @@ def plot_attention(model, images, labels, names, path):  # uint8 (k, 3, s, s), (
     model.eval()
     device = next(model.parameters()).device
     logits, weights = model(normalise(images.to(device)), return_weights=True)
-    maps = attention_rollout(weights)[:, None]  # (k, 1, s/p, s/p), stretched to (k, 1, s, s):
+    maps = attention_rollout(weights)[:, None]  # (k, 1, s/p, s/p), stretched to (k, 1, s, s)
     maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear").cpu()
     figure, axes = plt.subplots(2, len(images), figsize=(2.6 * len(images), 5.6), squeeze=False)
     for i, (label, guess) in enumerate(zip(labels.tolist(), logits.argmax(-1).tolist())):
@@ -373,32 +377,52 @@ def plot_attention(model, images, labels, names, path):  # uint8 (k, 3, s, s), (
 # the model's sizes and the recipe were chosen on pets3: docs/experiments.md
 DEFAULTS = dict(data_dir="./data", out_dir="./out", epochs=100, batch_size=8, image_size=96,
                 patch_size=8, dim=128, depth=4, heads=4, mlp_dim=256, lr=3e-4, seed=0,
-                device="", workers=min(8, os.cpu_count() or 1), fake_data=False, compile=False,
-                pretrained=False, resume=False)
-RENEWABLE = {"data_dir", "out_dir", "device", "workers", "resume"}  # --resume may give these anew
+                device="auto", workers=min(8, os.cpu_count() or 1), fake_data=False,
+                compile=False, pretrained=False, resume=False)
+SIZES = {"image_size", "patch_size", "dim", "depth", "heads", "mlp_dim"}
 
 def parse_args(argv=None):
     """The run's options and, with --resume, its checkpoint: a resumed run keeps its options."""
     # no defaults in the parser: it returns what was given, and nothing else
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                     argument_default=argparse.SUPPRESS)
+    flags = ("--fake-data: random images, to try it offline. --compile: torch.compile the model. "
+             "--pretrained: fine-tune torchvision's ImageNet ViT-B/16 (lr 3e-5). --resume: go on "
+             "with the run in --out-dir, with its own options. README.md says more.")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=flags,
+                                     allow_abbrev=False, argument_default=argparse.SUPPRESS)
     for name, default in DEFAULTS.items():
         flag = "--" + name.replace("_", "-")
         if type(default) is bool:
             parser.add_argument(flag, action="store_true")
         else:
-            parser.add_argument(flag, type=type(default), help=f"default: {default or 'fastest'}")
+            parser.add_argument(flag, type=type(default), help=f"default: {default}")
     given = vars(parser.parse_args(argv))
     args = argparse.Namespace(**(DEFAULTS | given))
-    if args.pretrained and "lr" not in given:
-        args.lr = 3e-5  # fine-tuning takes smaller steps
+    if args.resume:
+        checkpoint = load_checkpoint(Path(args.out_dir) / "vit.pt")
+        # only where things are may be given anew: any other option must be the run's own
+        for name in sorted(given.keys() - {"data_dir", "out_dir", "device", "workers", "resume"}):
+            if given[name] != checkpoint["options"][name]:
+                saved = checkpoint["options"][name]
+                parser.error(f"--{name.replace('_', '-')} {given[name]} differs from the resumed "
+                             f"run's {saved}: a resumed run keeps its options")
+        renewed = {name: getattr(args, name) for name in ("out_dir", "device", "workers", "resume")}
+        if "data_dir" in given:
+            renewed["data_dir"] = args.data_dir
+        args = argparse.Namespace(**(checkpoint["options"] | renewed))
+    if args.pretrained and not args.resume:
+        if given.keys() & SIZES:
+            parser.error("--pretrained takes ViT-B/16's sizes: leave out --image-size, --dim, ...")
+        if "lr" not in given:
+            args.lr = 3e-5  # fine-tuning takes smaller steps
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    args.device = args.device or next((d for d, ok in available.items() if ok), "cpu")
+    if args.device == "auto":
+        args.device = next((device for device, ok in available.items() if ok), "cpu")
     checks = [(min(args.epochs, args.batch_size) >= 1, "--epochs and --batch-size must be >= 1"),
               (0 < args.lr < 1, f"--lr must be in (0, 1), got {args.lr}"),
               (0 <= args.seed < 2**32, f"--seed must be from 0 to 2**32 - 1, got {args.seed}"),
               (args.workers >= 0, f"--workers must be 0 or more, got {args.workers}"),
-              (available.get(args.device, args.device == "cpu"), f"no --device {args.device} here")]
+              (available.get(args.device.split(":")[0], args.device == "cpu"),
+               f"no --device {args.device} here")]
     for ok, message in checks:
         if not ok:
             parser.error(message)
@@ -407,21 +431,18 @@ def parse_args(argv=None):
             ViT(args.image_size, args.patch_size, 1, args.dim, args.depth, args.heads, args.mlp_dim)
     except ValueError as error:
         parser.error(str(error))
-    if not args.resume:
-        return args, None
-    path = Path(args.out_dir) / "vit.pt"
-    try:  # onto the CPU, from where any device can go on
+    args.data_dir = os.path.abspath(args.data_dir)  # so that --resume finds it from anywhere
+    return args, (checkpoint if args.resume else None)
+
+def load_checkpoint(path):  # onto the CPU, from where any device can go on
+    try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        options = checkpoint["options"]
     except Exception as error:
         sys.exit(f"error: --resume found no vit.py checkpoint at {path} ({type(error).__name__})")
-    for name in sorted(given.keys() - RENEWABLE):
-        if given[name] != options[name]:
-            parser.error(f"--{name.replace('_', '-')} {given[name]} differs from the resumed run's "
-                         f"{options[name]}: a resumed run keeps its own options")
-    # the data stays where the run had it, unless given anew; the machine is this one
-    renewed = {name: getattr(args, name) for name in RENEWABLE - {"data_dir"} | given.keys()}
-    return argparse.Namespace(**(options | renewed)), checkpoint
+    keys = {"model", "config", "history", "options", "optimizer", "rng"}
+    if not isinstance(checkpoint, dict) or not keys <= checkpoint.keys():
+        sys.exit(f"error: --resume found no vit.py checkpoint at {path} (it has other keys)")
+    return checkpoint
 
 def run(args, checkpoint):  # main() turns what goes wrong here into one-line messages
     out = Path(args.out_dir)
@@ -429,8 +450,9 @@ def run(args, checkpoint):  # main() turns what goes wrong here into one-line me
         sys.exit(f"error: {out}/vit.pt holds a run: go on with --resume, or use another --out-dir")
     try:  # an unwritable --out-dir shows now, not after decoding
         out.mkdir(parents=True, exist_ok=True)
-        write_whole(out / "probe", lambda file: None)
-        (out / "probe").unlink()
+        probe = out / f"vit.pt.{os.getpid()}.tmp"  # the name the checkpoint is written under
+        probe.touch()
+        probe.unlink()
     except OSError as error:
         sys.exit(f"error: cannot write to --out-dir {out} ({error.strerror})")
     if args.pretrained and not checkpoint:
@@ -455,6 +477,8 @@ def run(args, checkpoint):  # main() turns what goes wrong here into one-line me
     else:
         model = ViT(args.image_size, args.patch_size, PET_CLASSES, args.dim, args.depth,
                     args.heads, args.mlp_dim)
+    # the options record the model's sizes, ViT-B/16's too
+    vars(args).update({name: model.config[name] for name in SIZES})
     model = model.to(args.device)
     parameters = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"ViT {model.config}: {parameters:.2f} M parameters, on {args.device}")
@@ -468,23 +492,31 @@ def run(args, checkpoint):  # main() turns what goes wrong here into one-line me
     plot_history(history, out / "loss.png")
     shown = torch.linspace(0, len(images) - 1, 4).long()
     plot_attention(model, images[shown], labels[shown], names, out / "attention.png")
-    if len(history["test_acc"]) < args.epochs:
-        raise KeyboardInterrupt  # train() stopped on Ctrl-C; now the plots are written too
+    done = len(history["test_acc"])
+    if done < args.epochs:
+        # train() stopped on Ctrl-C; the plots are written now
+        raise KeyboardInterrupt(f"{out}/vit.pt keeps {done} of {args.epochs} epochs, --resume "
+                                "goes on")
     print(f"test accuracy {history['test_acc'][-1]:.1%}, plots and checkpoint in {out}/")
 
 def main(argv=None):
-    args, checkpoint = parse_args(argv)
-    path = Path(args.out_dir) / "vit.pt"
-    if checkpoint and len(checkpoint["history"]["test_acc"]) >= args.epochs:
-        sys.exit(f"{path} is a finished run of {args.epochs} epochs: there is nothing to resume")
+    path = None
     try:
+        args, checkpoint = parse_args(argv)
+        path = Path(args.out_dir) / "vit.pt"
+        if checkpoint and len(checkpoint["history"]["test_acc"]) >= args.epochs:
+            print(f"{path} is a finished run of {args.epochs} epochs: there is nothing to resume "
+                  "(a new run needs another --out-dir)")
+            return
         run(args, checkpoint)
-    except KeyboardInterrupt:
-        saved = f"{path} keeps the last whole epoch" if path.exists() else "no checkpoint written"
-        print(f"\ninterrupted: {saved}", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        kept = f"{path} is as it was" if path and path.exists() else "no checkpoint written"
+        print(f"\ninterrupted: {str(interrupt) or kept}", file=sys.stderr)
         sys.exit(130)
     except FloatingPointError as error:
-        sys.exit(f"error: {error}: stopped, {path} keeps the last good epoch (try a lower --lr)")
+        sys.exit(f"error: {error} (to try other options, start again in another --out-dir)")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit("error: out of memory: try a smaller --batch-size, in another --out-dir")
     except OSError as error:
         sys.exit(f"error: {error}")
 
