@@ -19,7 +19,8 @@ import vit
 PETS3 = Path(__file__).resolve().parent.parent / "shared" / "data" / "pets3"
 TINY = ["--image-size", "32", "--patch-size", "8", "--dim", "32", "--depth", "2", "--heads", "2",
         "--mlp-dim", "64", "--batch-size", "32", "--workers", "0", "--fake-data"]
-DETERMINISTIC = ("train_loss", "test_loss", "test_acc", "lr")  # the history less its timings
+# the history less its timings
+DETERMINISTIC = ("train_loss", "lr", "test_epoch", "test_loss", "test_acc")
 
 
 def tiny_vit(**changes):
@@ -276,6 +277,28 @@ def test_a_run_of_one_step_changes_the_weights():
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_the_test_split_is_scored_every_few_epochs_and_after_the_last(capsys, monkeypatch):
+    torch.manual_seed(0)
+    data = (torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 5)
+    history = vit.train(tiny_vit(), data, data, epochs=7, batch_size=8, test_every=3)
+    assert history["test_epoch"] == [3, 6, 7]
+    assert len(history["test_loss"]) == len(history["test_acc"]) == 3
+    assert len(history["train_loss"]) == len(history["lr"]) == 7
+    # a line in the log for each epoch, with the test's figures where there was one
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines] == [f"{epoch}/7" for epoch in range(1, 8)]
+    assert [i + 1 for i, line in enumerate(lines) if "test acc" in line] == [3, 6, 7]
+    figures = []
+    monkeypatch.setattr(vit, "save_figure", lambda figure, path: figures.append(figure))
+    vit.plot_history(history, "loss.png")  # not written: save_figure only keeps the figure
+    loss_axis, accuracy_axis = figures[0].axes
+    assert list(loss_axis.lines[0].get_xdata()) == list(range(1, 8))  # train loss, per epoch
+    assert list(loss_axis.lines[1].get_xdata()) == [3, 6, 7]  # test loss, per test
+    assert list(accuracy_axis.lines[0].get_ydata()) == history["test_acc"]
+    with pytest.raises(ValueError, match="test_every must be a positive integer, got 0"):
+        vit.train(tiny_vit(), data, data, epochs=1, batch_size=8, test_every=0)
+
+
 # ---------------------------------------------------------------------------------- command line
 
 def run(tmp_path, *args):
@@ -299,7 +322,8 @@ def test_cli_writes_plots_and_a_checkpoint_with_every_option(tmp_path):
     model = vit.ViT(**checkpoint["config"])
     model.load_state_dict(checkpoint["model"])
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 37)
-    assert len(checkpoint["history"]["test_acc"]) == 2
+    assert len(checkpoint["history"]["train_loss"]) == 2
+    assert checkpoint["history"]["test_epoch"] == [2]  # the last epoch is always tested
     assert all(0 <= a <= 1 for a in checkpoint["history"]["test_acc"])
     assert checkpoint["options"].keys() == vit.DEFAULTS.keys()
     assert checkpoint["options"]["batch_size"] == 32 and checkpoint["options"]["fake_data"]
@@ -318,14 +342,14 @@ def test_same_seed_same_history(tmp_path):
 def test_interrupted_run_resumes_with_its_own_options_to_the_same_history(tmp_path, monkeypatch,
                                                                          capsys):
     uninterrupted = run(tmp_path / "whole", "--epochs", "3")["history"]
-    evaluate, calls = vit.evaluate, []
+    train_step, calls = vit.train_step, []
 
     def interrupt_in_epoch_two(*args):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 8 + 3:  # 8 steps an epoch
             raise KeyboardInterrupt
-        return evaluate(*args)
-    monkeypatch.setattr(vit, "evaluate", interrupt_in_epoch_two)
+        return train_step(*args)
+    monkeypatch.setattr(vit, "train_step", interrupt_in_epoch_two)
     with pytest.raises(SystemExit) as exit:
         run(tmp_path / "cut", "--epochs", "3")
     assert exit.value.code == 130
@@ -333,8 +357,8 @@ def test_interrupted_run_resumes_with_its_own_options_to_the_same_history(tmp_pa
     message = f"interrupted: {out}/vit.pt keeps 1 of 3 epochs, --resume goes on"
     assert message in capsys.readouterr().err
     saved = torch.load(out / "vit.pt", weights_only=True)
-    assert len(saved["history"]["test_acc"]) == 1 and (out / "loss.png").exists()
-    monkeypatch.setattr(vit, "evaluate", evaluate)
+    assert len(saved["history"]["train_loss"]) == 1 and (out / "loss.png").exists()
+    monkeypatch.setattr(vit, "train_step", train_step)
     # only where things are: every other option comes from the checkpoint
     vit.main(["--out-dir", str(out), "--resume", "--workers", "0", "--epochs", "3"])
     resumed = torch.load(out / "vit.pt", weights_only=True)["history"]
@@ -342,6 +366,18 @@ def test_interrupted_run_resumes_with_its_own_options_to_the_same_history(tmp_pa
     assert "keeps 1 of 3 epochs, --resume goes on" not in capsys.readouterr().err
     vit.main(["--out-dir", str(out), "--resume"])
     assert "is a finished run of 3 epochs: there is nothing to resume" in capsys.readouterr().out
+
+
+def test_ctrl_c_while_testing_keeps_the_epochs_saved_and_says_so(tmp_path, monkeypatch, capsys):
+    def interrupt(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(vit, "evaluate", interrupt)  # the first test is after the last epoch
+    with pytest.raises(SystemExit) as exit:
+        run(tmp_path, "--epochs", "3")
+    assert exit.value.code == 130
+    assert "keeps 2 of 3 epochs, --resume goes on" in capsys.readouterr().err
+    saved = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)["history"]
+    assert len(saved["train_loss"]) == 2 and saved["test_epoch"] == []
 
 
 @pytest.mark.parametrize("option, message", [
@@ -359,6 +395,16 @@ def test_resume_refuses_options_that_differ_from_the_run(tmp_path, monkeypatch, 
         vit.main(["--out-dir", str(tmp_path / "out"), "--resume", "--data-dir", "elsewhere",
                   *option])
     assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_the_older_vit_py_that_tested_every_epoch_resumes(tmp_path):
+    checkpoint = run(tmp_path, "--epochs", "1")
+    checkpoint["options"]["epochs"] = 3  # as if stopped after one of three epochs
+    del checkpoint["history"]["test_epoch"]
+    torch.save(checkpoint, tmp_path / "out" / "vit.pt")
+    vit.main(["--out-dir", str(tmp_path / "out"), "--resume", "--workers", "0"])
+    history = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)["history"]
+    assert history["test_epoch"] == [1, 3] and len(history["test_acc"]) == 2
 
 
 def test_fresh_run_never_replaces_a_saved_one(tmp_path, monkeypatch):
@@ -392,7 +438,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
         run(tmp_path, "--epochs", "3")
     assert exit.value.code != 0
     saved = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
-    assert len(saved["history"]["test_acc"]) == 1
+    assert len(saved["history"]["train_loss"]) == 1
 
 
 def test_full_disk_exits_1_keeping_the_last_checkpoint_and_no_tmp(tmp_path, monkeypatch):
@@ -409,7 +455,7 @@ def test_full_disk_exits_1_keeping_the_last_checkpoint_and_no_tmp(tmp_path, monk
     assert not list((tmp_path / "out").glob("*.tmp"))
     monkeypatch.setattr(torch, "save", save)
     saved = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
-    assert len(saved["history"]["test_acc"]) == 1
+    assert len(saved["history"]["train_loss"]) == 1
 
 
 def test_failed_first_save_leaves_no_checkpoint_behind(tmp_path, monkeypatch):
@@ -422,7 +468,7 @@ def test_failed_first_save_leaves_no_checkpoint_behind(tmp_path, monkeypatch):
         run(tmp_path, "--epochs", "1")
     assert not list((tmp_path / "out").iterdir())  # no vit.pt, not even an empty one, no .tmp
     monkeypatch.setattr(torch, "save", save)
-    assert len(run(tmp_path, "--epochs", "1")["history"]["test_acc"]) == 1  # the folder is free
+    assert len(run(tmp_path, "--epochs", "1")["history"]["train_loss"]) == 1  # the folder is free
 
 
 def test_ctrl_c_while_decoding_exits_130_saying_nothing_was_saved(tmp_path, monkeypatch, capsys):

@@ -254,21 +254,28 @@ def write_whole(path, write, replace=True):
         temporary.unlink(missing_ok=True)
 
 def train(model, train_data, test_data, epochs, batch_size, lr=3e-4, weight_decay=0.05, warmup=5,
-          label_smoothing=0.1, compile=False, path=None, options=None, resume=None):
+          label_smoothing=0.1, test_every=5, compile=False, path=None, options=None, resume=None):
     """AdamW on Mixup/CutMix targets; lr warm-up for `warmup` epochs (a tenth of a shorter run),
-    then a cosine. Each epoch is saved to `path` with the run's `options`, and `resume` goes on
-    from such a checkpoint. Ctrl-C stops early. Returns the history: one list per quantity."""
+    then a cosine. The test split is scored every `test_every` epochs and after the last. Each
+    epoch is saved to `path` with the run's `options`, and `resume` goes on from such a
+    checkpoint. Ctrl-C stops early. Returns the history: one list per quantity."""
+    if type(test_every) is not int or test_every < 1:
+        raise ValueError(f"test_every must be a positive integer, got {test_every!r}")
     # weight matrices decay; biases, norms, the class token and the positions do not
     decay = [p for p in model.parameters() if p.ndim == 2]
     no_decay = [p for p in model.parameters() if p.ndim != 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay}]
     optimizer = torch.optim.AdamW(groups, lr, weight_decay=0.0)
     mix = mixer(model.config["num_classes"])
-    history = {key: [] for key in ("train_loss", "test_loss", "test_acc", "lr", "images_per_s")}
+    # per epoch: train_loss, lr, images_per_s; per test: test_epoch, test_loss, test_acc
+    keys = ("train_loss", "lr", "images_per_s", "test_epoch", "test_loss", "test_acc")
+    history = {key: [] for key in keys}
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         history = resume["history"]
+        # an older vit.py's checkpoint has no test_epoch: it tested after every epoch
+        history.setdefault("test_epoch", list(range(1, len(history["test_acc"]) + 1)))
         torch.set_rng_state(resume["rng"])
 
     def save(replace=True):  # all that --resume needs to go on as if never stopped
@@ -282,7 +289,7 @@ def train(model, train_data, test_data, epochs, batch_size, lr=3e-4, weight_deca
     compiled = torch.compile(model) if compile else model
     steps = max(len(train_data[0]) // batch_size, 1)  # per epoch
     warmup_steps = int(min(warmup, epochs / 10) * steps)
-    first_epoch = len(history["test_acc"])
+    first_epoch = len(history["train_loss"])
     started = time.perf_counter()
     try:
         for epoch in range(first_epoch, epochs):
@@ -299,17 +306,22 @@ def train(model, train_data, test_data, epochs, batch_size, lr=3e-4, weight_deca
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"the training loss is {train_loss} in epoch {epoch + 1}, "
                                          f"stopped: {path} keeps the run up to epoch {epoch}")
-            test_loss, test_acc = evaluate(compiled, *test_data, batch_size)
-            values = (train_loss, test_loss, test_acc, step_lr, images_per_s)
-            for key, value in zip(history, values):
+            tested = (epoch + 1) % test_every == 0 or epoch + 1 == epochs
+            scores = ""
+            if tested:  # scored before the history grows: a Ctrl-C here leaves it as saved
+                test_loss, test_acc = evaluate(compiled, *test_data, batch_size)
+                scores = f"test loss {test_loss:.3f}  test acc {test_acc:.1%}  "
+            for key, value in zip(keys, (train_loss, step_lr, images_per_s)):
                 history[key].append(value)
+            if tested:
+                for key, value in zip(keys[3:], (epoch + 1, test_loss, test_acc)):
+                    history[key].append(value)
             if path:
                 save()
             per_epoch = (time.perf_counter() - started) / (epoch + 1 - first_epoch)
             left = per_epoch * (epochs - epoch - 1)
-            print(f"epoch {epoch + 1:3d}/{epochs}  train loss {train_loss:.3f}  test loss "
-                  f"{test_loss:.3f}  test acc {test_acc:.1%}  {images_per_s:4.0f} img/s  "
-                  f"{left / 60:4.1f} min left", flush=True)
+            print(f"epoch {epoch + 1:3d}/{epochs}  train loss {train_loss:.3f}  {scores}"
+                  f"{images_per_s:4.0f} img/s  {left / 60:4.1f} min left", flush=True)
     except KeyboardInterrupt:
         pass  # the checkpoint keeps the last whole epoch
     return history
@@ -342,14 +354,14 @@ def plot_patches(image, patch_size, path):  # uint8 (3, s, s)
         axis.axis("off")
     save_figure(figure, path)
 
-def plot_history(history, path):
+def plot_history(history, path):  # the test split's points are the epochs it was scored after
     epochs = range(1, len(history["train_loss"]) + 1)
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(epochs, history["train_loss"], label="train (augmented, mixed)")
-    left.plot(epochs, history["test_loss"], label="test")
+    left.plot(history["test_epoch"], history["test_loss"], ".-", label="test")
     left.set(xlabel="epoch", ylabel="cross-entropy loss")
     left.legend()
-    right.plot(epochs, history["test_acc"])
+    right.plot(history["test_epoch"], history["test_acc"], ".-")
     right.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1))
     save_figure(figure, path)
 
@@ -375,8 +387,8 @@ def plot_attention(model, images, labels, names, path):  # uint8 (k, 3, s, s), (
 
 # ----------------------------------------------------------------------------- command line
 # the model's sizes and the recipe were chosen on pets3: docs/experiments.md
-DEFAULTS = dict(data_dir="./data", out_dir="./out", epochs=100, batch_size=8, image_size=96,
-                patch_size=8, dim=128, depth=4, heads=4, mlp_dim=256, lr=3e-4, seed=0,
+DEFAULTS = dict(data_dir="./data", out_dir="./out", epochs=220, batch_size=8, image_size=96,
+                patch_size=12, dim=128, depth=4, heads=4, mlp_dim=256, lr=3e-4, seed=0,
                 device="auto", workers=min(8, os.cpu_count() or 1), fake_data=False,
                 compile=False, pretrained=False, resume=False)
 SIZES = {"image_size", "patch_size", "dim", "depth", "heads", "mlp_dim"}
@@ -492,7 +504,7 @@ def run(args, checkpoint):  # main() turns what goes wrong here into one-line me
     plot_history(history, out / "loss.png")
     shown = torch.linspace(0, len(images) - 1, 4).long()
     plot_attention(model, images[shown], labels[shown], names, out / "attention.png")
-    done = len(history["test_acc"])
+    done = len(history["train_loss"])
     if done < args.epochs:
         # train() stopped on Ctrl-C; the plots are written now
         raise KeyboardInterrupt(f"{out}/vit.pt keeps {done} of {args.epochs} epochs, --resume "
@@ -504,7 +516,7 @@ def main(argv=None):
     try:
         args, checkpoint = parse_args(argv)
         path = Path(args.out_dir) / "vit.pt"
-        if checkpoint and len(checkpoint["history"]["test_acc"]) >= args.epochs:
+        if checkpoint and len(checkpoint["history"]["train_loss"]) >= args.epochs:
             print(f"{path} is a finished run of {args.epochs} epochs: there is nothing to resume "
                   "(a new run needs another --out-dir)")
             return
