@@ -267,9 +267,9 @@ def train(model, train_data, test_data, epochs, batch_size, lr=3e-4, weight_deca
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay}]
     optimizer = torch.optim.AdamW(groups, lr, weight_decay=0.0)
     mix = mixer(model.config["num_classes"])
-    # per epoch: train_loss, lr, images_per_s; per test: test_epoch, test_loss, test_acc
-    keys = ("train_loss", "lr", "images_per_s", "test_epoch", "test_loss", "test_acc")
-    history = {key: [] for key in keys}
+    epoch_keys = ("train_loss", "lr", "images_per_s")  # one value per epoch
+    test_keys = ("test_epoch", "test_loss", "test_acc")  # one value per test
+    history = {key: [] for key in epoch_keys + test_keys}
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -311,10 +311,10 @@ def train(model, train_data, test_data, epochs, batch_size, lr=3e-4, weight_deca
             if tested:  # scored before the history grows: a Ctrl-C here leaves it as saved
                 test_loss, test_acc = evaluate(compiled, *test_data, batch_size)
                 scores = f"test loss {test_loss:.3f}  test acc {test_acc:.1%}  "
-            for key, value in zip(keys, (train_loss, step_lr, images_per_s)):
+            for key, value in zip(epoch_keys, (train_loss, step_lr, images_per_s)):
                 history[key].append(value)
             if tested:
-                for key, value in zip(keys[3:], (epoch + 1, test_loss, test_acc)):
+                for key, value in zip(test_keys, (epoch + 1, test_loss, test_acc)):
                     history[key].append(value)
             if path:
                 save()
@@ -387,6 +387,8 @@ def plot_attention(model, images, labels, names, path):  # uint8 (k, 3, s, s), (
 
 # ----------------------------------------------------------------------------- command line
 # the model's sizes and the recipe were chosen on pets3: docs/experiments.md
+# --resume takes these anew (--data-dir only when given); every other option is the run's own
+RENEWABLE = {"data_dir", "out_dir", "device", "workers", "resume"}
 DEFAULTS = dict(data_dir="./data", out_dir="./out", epochs=220, batch_size=8, image_size=96,
                 patch_size=12, dim=128, depth=4, heads=4, mlp_dim=256, lr=3e-4, seed=0,
                 device="auto", workers=min(8, os.cpu_count() or 1), fake_data=False,
@@ -412,12 +414,12 @@ def parse_args(argv=None):
     if args.resume:
         checkpoint = load_checkpoint(Path(args.out_dir) / "vit.pt")
         # only where things are may be given anew: any other option must be the run's own
-        for name in sorted(given.keys() - {"data_dir", "out_dir", "device", "workers", "resume"}):
+        for name in sorted(given.keys() - RENEWABLE):
             if given[name] != checkpoint["options"][name]:
                 saved = checkpoint["options"][name]
                 parser.error(f"--{name.replace('_', '-')} {given[name]} differs from the resumed "
                              f"run's {saved}: a resumed run keeps its options")
-        renewed = {name: getattr(args, name) for name in ("out_dir", "device", "workers", "resume")}
+        renewed = {name: getattr(args, name) for name in RENEWABLE if name != "data_dir"}
         if "data_dir" in given:
             renewed["data_dir"] = args.data_dir
         args = argparse.Namespace(**(checkpoint["options"] | renewed))
