@@ -140,8 +140,8 @@ def test_every_parameter_gets_a_gradient_and_a_tiny_batch_is_learned():
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(image_size=30), "patch_size 8 does not divide image_size 30"),
-    (dict(dim=30, heads=4), "heads 4 does not divide dim 30"),
+    (dict(image_size=30), "patch_size 8 must be a positive divisor of 30"),
+    (dict(dim=30, heads=4), "heads 4 must be a positive divisor of dim 30"),
     (dict(patch_size=0), "patch_size must be a positive integer, got 0"),
     (dict(heads=0), "heads must be a positive integer, got 0"),
     (dict(depth=0), "depth must be a positive integer, got 0"),
@@ -155,9 +155,9 @@ def test_bad_sizes_raise_value_errors_naming_the_argument(changes, message):
 
 
 def test_each_class_checks_its_own_sizes():
-    with pytest.raises(ValueError, match="patch_size 0 does not divide image_size 32"):
+    with pytest.raises(ValueError, match="patch_size 0 must be a positive divisor of 32"):
         vit.PatchEmbedding(32, 0, 3, 8)
-    with pytest.raises(ValueError, match="heads 0 does not divide dim 32"):
+    with pytest.raises(ValueError, match="heads 0 must be a positive divisor of dim 32"):
         vit.Attention(32, 0)
 
 
@@ -259,6 +259,21 @@ def test_lr_warms_up_from_above_zero_to_the_peak_then_follows_a_cosine():
     assert lrs[4] == 1.0 and all(a > b for a, b in zip(lrs[4:], lrs[5:]))
     assert 0 < lrs[-1] < 0.01
     assert vit.lr_at(0, 1.0, warmup_steps=0, total_steps=1) == 1.0  # a one-step run learns
+
+
+@pytest.mark.parametrize("epochs, warmup", [(20, 1), (10, 5)])  # at most a tenth of the run
+def test_train_warms_up_over_an_epoch_then_follows_the_cosine(monkeypatch, epochs, warmup):
+    lrs = []
+
+    def keep_lr(model, optimizer, images, targets, label_smoothing):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        return torch.tensor(1.0)
+    monkeypatch.setattr(vit, "train_step", keep_lr)
+    vit.train(tiny_vit(), fake_data(16), fake_data(16), epochs, batch_size=8, lr=0.01,
+              warmup=warmup)
+    assert len(lrs) == 2 * epochs  # 16 images in batches of 8
+    assert lrs[:3] == [0.005, 0.01, 0.01]  # the warm-up's two steps, then the cosine from its peak
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.0001
 
 
 class GuessFromPixels(nn.Module):
@@ -425,20 +440,26 @@ def test_interrupted_run_resumes_with_its_own_options_to_the_same_history(tmp_pa
     monkeypatch.chdir(tmp_path)  # the data folder is found from the checkpoint
     vit.main(["--out-dir", str(out), "--resume"])
     assert torch.load(out / "vit.pt", weights_only=True)["history"] == uninterrupted
-    assert "epoch   2/3" in capsys.readouterr().out
+    assert "epoch 2/3" in capsys.readouterr().out
     vit.main(["--out-dir", str(out), "--resume"])  # a finished run: the plots again, no epoch
     assert torch.load(out / "vit.pt", weights_only=True)["history"] == uninterrupted
     assert "epoch " not in capsys.readouterr().out
 
 
+def half_written(path):
+    with open(path, "wb") as file:
+        file.write(b"PK\x03\x04 the first bytes of a checkpoint")
+
+
 def test_ctrl_c_while_saving_reports_what_vit_pt_holds(tmp_path, monkeypatch, capsys):
     save, calls = torch.save, []
 
-    def interrupt_the_second_save(*args):
+    def interrupt_the_second_save(checkpoint, path):
         calls.append(1)
         if len(calls) == 2:
+            half_written(path)
             raise KeyboardInterrupt
-        return save(*args)
+        return save(checkpoint, path)
     monkeypatch.setattr(torch, "save", interrupt_the_second_save)
     with pytest.raises(SystemExit) as exit:
         run(tmp_path, "--epochs", "3")
@@ -464,14 +485,15 @@ def test_resume_refuses_every_option_but_where_things_are(tmp_path, monkeypatch,
     refuse_to_decode(monkeypatch)
     with pytest.raises(SystemExit) as exit:
         vit.main(["--out-dir", str(tmp_path), "--resume", "--data-dir", "elsewhere", *option])
-    assert exit.value.code == 2
-    assert "--resume keeps the run's options: only --out-dir, --data-dir, --device go" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--resume keeps the run's options: only --out-dir, --data-dir, --device go" in err
 
 
 def test_resume_takes_a_new_data_dir_and_device(tmp_path, monkeypatch):
     checkpoint = run(tmp_path, "--epochs", "1")
     checkpoint["options"]["epochs"] = 2  # as if stopped after one of two epochs
+    checkpoint["options"]["device"] = "meta"  # made on another machine
     torch.save(checkpoint, tmp_path / "out" / "vit.pt")
     seen, load_data = [], vit.load_data
 
@@ -479,9 +501,8 @@ def test_resume_takes_a_new_data_dir_and_device(tmp_path, monkeypatch):
         seen.append(args)
         return load_data(*args)
     monkeypatch.setattr(vit, "load_data", spy)
-    vit.main(["--out-dir", str(tmp_path / "out"), "--resume", "--data-dir", str(tmp_path / "new"),
-              "--device", "cpu"])
-    assert seen[0][0] == str(tmp_path / "new") and seen[0][3] == "cpu"
+    vit.main(["--out-dir", str(tmp_path / "out"), "--resume", "--data-dir", str(tmp_path / "new")])
+    assert seen[0][0] == str(tmp_path / "new") and seen[0][3] == "cpu"  # this machine's device
     saved = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
     assert len(saved["history"]["train_loss"]) == 2 and saved["options"]["epochs"] == 2
 
@@ -513,11 +534,12 @@ def test_nan_loss_stops_the_run_naming_the_epoch_and_keeps_the_last_checkpoint(t
 def test_full_disk_exits_1_keeping_the_last_checkpoint(tmp_path, monkeypatch):
     save, calls = torch.save, []
 
-    def full_after_one(*args):
+    def full_after_one(checkpoint, path):
         calls.append(1)
         if len(calls) > 1:
+            half_written(path)
             raise OSError(28, "No space left on device")
-        return save(*args)
+        return save(checkpoint, path)
     monkeypatch.setattr(torch, "save", full_after_one)
     with pytest.raises(SystemExit, match="^error: .*No space left on device$"):
         run(tmp_path, "--epochs", "3")
@@ -537,13 +559,13 @@ def test_resume_from_a_missing_or_broken_checkpoint_exits_1_in_one_line(tmp_path
     refuse_to_decode(monkeypatch)
     with pytest.raises(SystemExit) as exit:
         vit.main(["--out-dir", str(tmp_path), "--resume"])
-    assert exit.value.code.startswith(f"error: --resume found no vit.py checkpoint at {tmp_path}")
+    assert exit.value.code.startswith(f"error: --resume found no checkpoint at {tmp_path}")
     assert "\n" not in exit.value.code
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--patch-size", "7"], "^error: patch_size 7 does not divide image_size 32$"),
-    (["--heads", "3"], "^error: heads 3 does not divide dim 32$"),
+    (["--patch-size", "7"], "^error: patch_size 7 must be a positive divisor of 32$"),
+    (["--heads", "3"], "^error: heads 3 must be a positive divisor of dim 32$"),
     (["--depth", "0"], "^error: depth must be a positive integer, got 0$"),
     (["--device", "tpu"], "^error: .*device type at start of device string: tpu$"),
     (["--out-dir", "{tmp}/file"], "^error: .*File exists"),
@@ -559,15 +581,17 @@ def test_what_does_not_fit_exits_1_in_one_line_before_decoding(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--epochs", "0"], "--epochs and --batch-size must be at least 1"),
-    (["--batch-size", "-8"], "--epochs and --batch-size must be at least 1"),
+    (["--epochs", "0"], "--epochs, --batch-size and --lr must be positive"),
+    (["--batch-size", "-8"], "--epochs, --batch-size and --lr must be positive"),
+    (["--lr", "0"], "--epochs, --batch-size and --lr must be positive"),
     (["--epochs", "ten"], "--epochs: invalid int value: 'ten'"),
     (["--epoch", "3"], "unrecognized arguments: --epoch 3"),
 ])
-def test_bad_arguments_are_argparse_errors(args, message, capsys):
+def test_bad_arguments_are_argparse_errors_in_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as exit:
         vit.main(args)
-    assert exit.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_help_shows_every_default(capsys):

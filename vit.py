@@ -21,7 +21,7 @@ class PatchEmbedding(nn.Module):
     def __init__(self, image_size, patch_size, channels, dim):
         super().__init__()
         if patch_size < 1 or image_size % patch_size:
-            raise ValueError(f"patch_size {patch_size} does not divide image_size {image_size}")
+            raise ValueError(f"patch_size {patch_size} must be a positive divisor of {image_size}")
         self.patch_size = patch_size
         self.proj = nn.Linear(channels * patch_size**2, dim)
     def forward(self, images):  # (b, c, h, w)
@@ -35,7 +35,7 @@ class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         if heads < 1 or dim % heads:
-            raise ValueError(f"heads {heads} does not divide dim {dim}")
+            raise ValueError(f"heads {heads} must be a positive divisor of dim {dim}")
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)  # q, k and v of every head in one matrix multiply
         self.proj = nn.Linear(dim, dim)
@@ -118,12 +118,11 @@ def from_torchvision(tv, num_classes=None):
     num_classes = tv.num_classes if num_classes is None else num_classes
     model = ViT(tv.image_size, tv.patch_size, num_classes, tv.hidden_dim, len(tv.encoder.layers),
                 tv.encoder.layers[0].num_heads, tv.mlp_dim)
-    theirs = tv.state_dict()
     for name, param in model.state_dict().items():
         their_name = name
         for our_part, their_part in RENAMES:
             their_name = their_name.replace(our_part, their_part)
-        weight = theirs[their_name]
+        weight = tv.state_dict()[their_name]
         if name == "patch_embed.proj.weight":  # the conv's (dim, c, p, p) is our (dim, c * p * p)
             weight = weight.flatten(1)
         if name.startswith("head.") and num_classes != tv.num_classes:
@@ -168,7 +167,7 @@ def augment(images, min_scale=0.25, flip=True):  # (b, c, s, s) float
     h = (area / aspect).sqrt().clamp(max=1)
     cx = (torch.rand(b) * 2 - 1) * (1 - w)
     cy = (torch.rand(b) * 2 - 1) * (1 - h)
-    mirror = torch.where(flip & (torch.rand(b) < 0.5), -1.0, 1.0)
+    mirror = torch.where(torch.rand(b) < 0.5, -1.0, 1.0) if flip else torch.ones(b)
     # output to input coordinates: x_in = mirror * w * x_out + cx, y_in = h * y_out + cy
     theta = torch.stack([mirror * w, 0 * w, cx, 0 * h, h, cy], dim=1).view(b, 2, 3)
     grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
@@ -206,9 +205,9 @@ def train(model, train_data, test_data, epochs, batch_size, lr=3e-4, weight_deca
     no_decay = [p for p in model.parameters() if p.ndim != 2]
     groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0)]
     optimizer = torch.optim.AdamW(groups, lr)
-    n = model.config["num_classes"]
+    classes = model.config["num_classes"]
     # Mixup or CutMix, half the time each: images blended, or a box pasted in, targets alike
-    mixes = T.RandomChoice([T.MixUp(alpha=0.8, num_classes=n), T.CutMix(num_classes=n)])
+    mixes = T.RandomChoice([T.MixUp(alpha=0.8, num_classes=classes), T.CutMix(num_classes=classes)])
     mix_batch = mixes if mix else T.Identity()  # labels (b,) -> probabilities (b, classes)
     history = dict(train_loss=[], test_loss=[], test_acc=[])  # one value per epoch
     if resume:
@@ -227,11 +226,11 @@ def train(model, train_data, test_data, epochs, batch_size, lr=3e-4, weight_deca
         for i, batch in enumerate(order.view(steps, -1)):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch * steps + i, lr, warmup_steps, epochs * steps)
-            x = augment(normalise(images[batch]), min_scale, flip)  # (b, 3, s, s)
-            x, y = mix_batch(x, labels[batch])
-            loss_sum += train_step(model, optimizer, x, y, label_smoothing)
+            inputs = augment(normalise(images[batch]), min_scale, flip)  # (b, 3, s, s)
+            inputs, targets = mix_batch(inputs, labels[batch])
+            loss_sum += train_step(model, optimizer, inputs, targets, label_smoothing)
         train_loss = loss_sum.item() / steps  # .item() waits for the device: a fair clock
-        images_per_s = steps * len(batch) / (time.perf_counter() - epoch_started)
+        images_per_s = len(order) / (time.perf_counter() - epoch_started)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"the training loss is {train_loss} in epoch {epoch + 1}")
         test_loss, test_acc = evaluate(model, *test_data)
@@ -244,19 +243,19 @@ def train(model, train_data, test_data, epochs, batch_size, lr=3e-4, weight_deca
                           "rng": torch.get_rng_state()}
             torch.save(checkpoint, f"{path}.tmp")
             os.replace(f"{path}.tmp", path)
-        left = (time.perf_counter() - epoch_started) * (epochs - epoch - 1) / 60
-        print(f"epoch {epoch + 1:3d}/{epochs}  train loss {train_loss:.3f}  test loss "
-              f"{test_loss:.3f}  acc {test_acc:.1%}  {images_per_s:.0f} img/s  {left:.1f} min left")
+        minutes_left = (time.perf_counter() - epoch_started) * (epochs - epoch - 1) / 60
+        print(f"epoch {epoch + 1}/{epochs}  train loss {train_loss:.3f}  test loss {test_loss:.3f}"
+              f"  test acc {test_acc:.1%}  {images_per_s:.0f} img/s  {minutes_left:.1f} min left")
     return history
 
 # ------------------------------------------------------------------------------------ plots
 def plot_patches(image, patch_size, path):  # uint8 (3, s, s): the patches the model reads
     patches = rearrange(image, "c (h p1) (w p2) -> h w c p1 p2", p1=patch_size, p2=patch_size)
     framed = F.pad(patches, (1, 1, 1, 1), value=255)  # a white frame around each patch
-    figure = plt.figure(figsize=(5, 5))
-    plt.imshow(rearrange(framed, "h w c p1 p2 -> (h p1) (w p2) c").cpu().numpy())
-    plt.title(f"{len(patches)**2} patches of {patch_size} x {patch_size} pixels")
-    plt.axis("off")
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.imshow(rearrange(framed, "h w c p1 p2 -> (h p1) (w p2) c").cpu().numpy())
+    axis.set_title(f"{len(patches)**2} patches of {patch_size} x {patch_size} pixels")
+    axis.axis("off")
     figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
 
@@ -274,12 +273,10 @@ def plot_history(history, path):
 
 @torch.no_grad()
 def plot_attention(model, images, labels, path):  # uint8 (k, 3, s, s), (k,)
-    """Each image, under its class token's attention to each patch in the last block."""
-    model.eval()
     logits, weights = model(normalise(images), return_weights=True)
     side = images.shape[-1] // model.config["patch_size"]
     maps = weights[-1].mean(dim=1)[:, 0, 1:].reshape(-1, 1, side, side)  # (k, 1, s/p, s/p)
-    maps = F.interpolate(maps.float(), size=images.shape[-2:], mode="bilinear")  # (k, 1, s, s)
+    maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear")  # (k, 1, s, s)
     figure, axes = plt.subplots(1, len(images), figsize=(2.6 * len(images), 3), squeeze=False)
     for i, (label, guess) in enumerate(zip(labels.tolist(), logits.argmax(-1).tolist())):
         color = "green" if guess == label else "red"
@@ -287,14 +284,15 @@ def plot_attention(model, images, labels, path):  # uint8 (k, 3, s, s), (k,)
         axes[0, i].imshow(images[i].permute(1, 2, 0).cpu().numpy())
         axes[0, i].imshow(maps[i, 0].cpu().numpy(), cmap="inferno", alpha=0.5)
         axes[0, i].axis("off")
-    figure.suptitle("where the class token looks in the last block")
+    figure.suptitle("the class token's attention to each patch in the last block, heads averaged")
     figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
 
 # ----------------------------------------------------------------------------- command line
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(  # no usage block: an error is one line
+        description=__doc__.splitlines()[0], usage=argparse.SUPPRESS, allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-dir", type=os.path.abspath, default="data", help="holds Pet")
     parser.add_argument("--out-dir", default="out", help="where vit.pt and the plots go")
     parser.add_argument("--epochs", type=int, default=220, help="passes over the training set")
@@ -316,17 +314,17 @@ def main(argv=None):
     given = {word.split("=")[0][2:].replace("-", "_") for word in argv if word.startswith("--")}
     if args.resume and given - {"resume", "out_dir", "data_dir", "device"}:
         parser.error("--resume keeps the run's options: only --out-dir, --data-dir, --device go")
-    if min(args.epochs, args.batch_size) < 1:
-        parser.error("--epochs and --batch-size must be at least 1")
+    if min(args.epochs, args.batch_size) < 1 or args.lr <= 0:
+        parser.error("--epochs, --batch-size and --lr must be positive")
     path = Path(args.out_dir) / "vit.pt"
     checkpoint = None
     if args.resume:  # the run's own options, but for where things are
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            renewed = {name: getattr(args, name) for name in given | {"out_dir"}}
+            renewed = {name: getattr(args, name) for name in given | {"out_dir", "device"}}
             args = argparse.Namespace(**(checkpoint["options"] | renewed))
         except Exception as error:
-            sys.exit(f"error: --resume found no vit.py checkpoint at {path} ({error!r})")
+            sys.exit(f"error: --resume found no checkpoint at {path} ({type(error).__name__})")
     elif path.exists():
         sys.exit(f"error: {path} holds a run: go on with --resume, or use another --out-dir")
     try:  # what goes wrong here ends in a one-line message
@@ -334,9 +332,10 @@ def main(argv=None):
         model = ViT(args.image_size, args.patch_size, PET_CLASSES, args.dim, args.depth, args.heads,
                     args.mlp_dim).to(args.device)
         path.parent.mkdir(parents=True, exist_ok=True)
-        train_data, (images, labels) = [
-            load_data(args.data_dir, split, args.image_size, args.device, args.fake_data)
-            for split in ("trainval", "test")]
+        train_data = load_data(args.data_dir, "trainval", args.image_size, args.device,
+                               args.fake_data)
+        images, labels = load_data(args.data_dir, "test", args.image_size, args.device,
+                                   args.fake_data)  # the test split: scored and drawn
         print(f"ViT {model.config}, {sum(p.numel() for p in model.parameters()):,} parameters")
         history = train(model, train_data, (images, labels), args.epochs, args.batch_size,
                         args.lr, path=path, options=vars(args), resume=checkpoint)
@@ -352,9 +351,10 @@ def main(argv=None):
             kept = f"{path} keeps {done} of {args.epochs} epochs, --resume goes on"
         print(f"\ninterrupted: {kept}", file=sys.stderr)
         sys.exit(130)
-    except (OSError, RuntimeError, ValueError, FloatingPointError) as error:
-        # one line: an error in a process that decodes images ends with that process's traceback
-        sys.exit(f"error: {str(error).strip().splitlines()[-1]}")
+    except (OSError, RuntimeError, ValueError, FloatingPointError, AssertionError) as error:
+        lines = str(error).strip().splitlines() or [repr(error)]
+        # a decoding process's error is a traceback: its last line says what went wrong
+        sys.exit(f"error: {lines[-1] if 'Traceback' in str(error) else lines[0]}")
 
 if __name__ == "__main__":
     main()
