@@ -559,7 +559,7 @@ def test_resume_from_a_missing_or_broken_checkpoint_exits_1_in_one_line(tmp_path
     refuse_to_decode(monkeypatch)
     with pytest.raises(SystemExit) as exit:
         vit.main(["--out-dir", str(tmp_path), "--resume"])
-    assert exit.value.code.startswith(f"error: --resume found no checkpoint at {tmp_path}")
+    assert exit.value.code.startswith(f"error: --resume cannot read a checkpoint at {tmp_path}")
     assert "\n" not in exit.value.code
 
 

@@ -324,7 +324,7 @@ def main(argv=None):
             renewed = {name: getattr(args, name) for name in given | {"out_dir", "device"}}
             args = argparse.Namespace(**(checkpoint["options"] | renewed))
         except Exception as error:
-            sys.exit(f"error: --resume found no checkpoint at {path} ({type(error).__name__})")
+            sys.exit(f"error: --resume cannot read a checkpoint at {path} ({type(error).__name__})")
     elif path.exists():
         sys.exit(f"error: {path} holds a run: go on with --resume, or use another --out-dir")
     try:  # what goes wrong here ends in a one-line message
