@@ -118,11 +118,12 @@ def from_torchvision(tv, num_classes=None):
     num_classes = tv.num_classes if num_classes is None else num_classes
     model = ViT(tv.image_size, tv.patch_size, num_classes, tv.hidden_dim, len(tv.encoder.layers),
                 tv.encoder.layers[0].num_heads, tv.mlp_dim)
+    theirs = tv.state_dict()
     for name, param in model.state_dict().items():
         their_name = name
         for our_part, their_part in RENAMES:
             their_name = their_name.replace(our_part, their_part)
-        weight = tv.state_dict()[their_name]
+        weight = theirs[their_name]
         if name == "patch_embed.proj.weight":  # the conv's (dim, c, p, p) is our (dim, c * p * p)
             weight = weight.flatten(1)
         if name.startswith("head.") and num_classes != tv.num_classes:
@@ -352,8 +353,7 @@ def main(argv=None):
         print(f"\ninterrupted: {kept}", file=sys.stderr)
         sys.exit(130)
     except (OSError, RuntimeError, ValueError, FloatingPointError, AssertionError) as error:
-        lines = str(error).strip().splitlines() or [repr(error)]
-        # a decoding process's error is a traceback: its last line says what went wrong
+        lines = str(error).strip().splitlines() or [repr(error)]  # a worker's error: a traceback
         sys.exit(f"error: {lines[-1] if 'Traceback' in str(error) else lines[0]}")
 
 if __name__ == "__main__":
