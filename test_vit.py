@@ -1,4 +1,5 @@
 """Tests for vit.py: CPU only, under a minute. Run: python -m pytest test_vit.py"""
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -18,8 +19,8 @@ import vit
 
 PETS3 = Path(__file__).resolve().parent.parent / "shared" / "data" / "pets3"
 TINY = ["--image-size", "32", "--patch-size", "8", "--dim", "32", "--depth", "2", "--heads", "2",
-        "--mlp-dim", "64", "--batch-size", "32", "--fake-data"]
-STEPS_PER_EPOCH = 8  # 256 fake training images in batches of 32
+        "--mlp-dim", "64", "--batch-size", "8"]
+STEPS_PER_EPOCH = 4  # write_photos' 32 training images in batches of 8
 
 
 @pytest.fixture(autouse=True)
@@ -51,6 +52,22 @@ def random_torchvision_vit(**changes):
         for param in tv.parameters():
             param.normal_(0, 0.2)
     return tv
+
+
+def write_photos(root, classes=("cat", "dog"), train=16, test=4):
+    """Your own images: root/train/<class>/ and root/test/<class>/, a colour for each class, in
+    several file types and modes."""
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", train), ("test", test)):
+        for label, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                noise = torch.randint(0, 60, (30 + i, 40, 3), generator=generator)
+                pixels = (noise + 150 * label).to(torch.uint8).numpy()
+                mode, suffix = [("RGB", "png"), ("L", "jpg"), ("RGBA", "png")][i % 3]
+                Image.fromarray(pixels).convert(mode).save(root / split / name / f"{i}.{suffix}")
+            (root / split / name / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden: skipped
+    return root
 
 
 def fake_data(count=8, classes=5, size=32):
@@ -91,38 +108,71 @@ def test_explicit_attention_equals_fused_attention():
     torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
 
 
+# our parameter names -> torchvision's (its MLP keeps a Dropout at index 2)
+RENAMES = [("patch_embed.proj.", "conv_proj."), ("cls_token", "class_token"),
+           ("pos_embedding", "encoder.pos_embedding"), ("blocks.", "encoder.layers.encoder_layer_"),
+           ("norm1.", "ln_1."), ("norm2.", "ln_2."), ("mlp.2.", "mlp.3."), ("norm.", "encoder.ln."),
+           ("attn.qkv.", "self_attention.in_proj_"), ("attn.proj.", "self_attention.out_proj."),
+           ("head.", "heads.head.")]
+
+
+def from_torchvision(tv):
+    """Our ViT with a torchvision VisionTransformer's sizes and weights."""
+    model = vit.ViT(tv.image_size, tv.patch_size, tv.num_classes, tv.hidden_dim,
+                    len(tv.encoder.layers), tv.encoder.layers[0].num_heads, tv.mlp_dim)
+    theirs = tv.state_dict()
+    ours = model.state_dict()
+    assert len(ours) == len(theirs)  # every tensor has its counterpart
+    for name, param in ours.items():
+        their_name = name
+        for our_part, their_part in RENAMES:
+            their_name = their_name.replace(our_part, their_part)
+        weight = theirs[their_name]
+        if name == "patch_embed.proj.weight":  # the conv's (dim, c, p, p) is our (dim, c * p * p)
+            weight = weight.flatten(1)
+        param.copy_(weight)
+    return model
+
+
 @pytest.mark.parametrize("image_size, patch_size", [(32, 8), (28, 14)])
-def test_from_torchvision_gives_the_same_logits(image_size, patch_size):
+def test_with_torchvisions_weights_it_gives_torchvisions_logits(image_size, patch_size):
     tv = random_torchvision_vit(image_size=image_size, patch_size=patch_size)
-    model = vit.from_torchvision(tv).eval()
+    model = from_torchvision(tv).eval()
     x = torch.randn(5, 3, image_size, image_size)
     with torch.no_grad():
         ours, theirs = model(x), tv(x)
     assert (ours - theirs).norm() / theirs.norm() < 1e-5
-    assert model.config == dict(image_size=image_size, patch_size=patch_size, num_classes=7,
-                                dim=64, depth=3, heads=4, mlp_dim=128, channels=3)
-    fresh = vit.from_torchvision(tv, num_classes=37)
-    assert fresh.head.out_features == 37 and fresh.config["num_classes"] == 37
-    assert not fresh.head.weight.any() and not fresh.head.bias.any()
-    torch.testing.assert_close(fresh.blocks[2].mlp[2].weight, model.blocks[2].mlp[2].weight)
 
 
-def test_from_torchvision_refuses_models_it_cannot_copy():
-    from torchvision.models.vision_transformer import ConvStemConfig
-    stem = [ConvStemConfig(out_channels=64, kernel_size=3, stride=8)]
-    with pytest.raises(ValueError, match="patch convolution and a linear head"):
-        vit.from_torchvision(random_torchvision_vit(conv_stem_configs=stem))
-    with pytest.raises(ValueError, match="patch convolution and a linear head"):
-        vit.from_torchvision(random_torchvision_vit(representation_size=16))
-    with pytest.raises(ValueError, match="patch convolution and a linear head"):
-        vit.from_torchvision(nn.Linear(3, 3))
-    with pytest.raises(ValueError, match="num_classes must be a positive integer, got 0"):
-        vit.from_torchvision(random_torchvision_vit(), num_classes=0)
-    tv = random_torchvision_vit()
-    tv.encoder.pos_embedding = nn.Parameter(torch.zeros(1, 5, 64))  # 4 patches, not 16
-    with pytest.raises(ValueError, match=r"encoder.pos_embedding is \(1, 5, 64\), our "
-                                         r"pos_embedding \(1, 17, 64\)"):
-        vit.from_torchvision(tv)
+def test_positions_start_as_sines_and_cosines_of_each_patchs_column_and_row():
+    table = vit.sincos_2d(side=4, dim=8)  # 16 patches, 2 frequencies: 1 and 1 / 10000
+    column, row = 2, 3
+    x, y = torch.tensor([column, column / 10000]), torch.tensor([row, row / 10000])
+    expected = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()])
+    torch.testing.assert_close(table[row * 4 + column], expected)
+    similarity = table @ table.T  # neighbours are more alike than patches far apart
+    assert similarity[5, 6] > similarity[5, 7] > similarity[5, 15]
+    assert vit.sincos_2d(3, 10).shape == (9, 10) and not vit.sincos_2d(3, 10)[:, 8:].any()
+    model = tiny_vit()  # 4 x 4 patches of width 32, and a class token at position 0
+    torch.testing.assert_close(model.pos_embedding[0, 1:], vit.sincos_2d(4, 32))
+    assert not model.pos_embedding[0, 0].any()
+
+
+def test_attention_starts_mimetic_so_that_tokens_attend_to_themselves():
+    torch.manual_seed(0)
+    attention = tiny_vit(dim=64, heads=4).blocks[1].attn
+    q, k, v = attention.qkv.weight.split(64)  # (out, in) each
+    eye = torch.eye(64)
+    assert (q.T @ k - 0.7 * eye).abs().max() < 0.1  # scores x W_q^T W_k x^T near 0.7 |x|^2
+    assert (attention.proj.weight @ v + 0.4 * eye).abs().max() < 0.1
+    tokens = F.layer_norm(torch.randn(8, 17, 64), (64,))
+    _, weights = attention(tokens, return_weights=True)  # (8, heads, 17, 17)
+    assert weights.diagonal(dim1=-2, dim2=-1).mean() > 0.3  # far above 1 / 17 at random
+    plain = nn.Linear(64, 192)
+    nn.init.trunc_normal_(plain.weight, std=0.02)  # as every other linear layer starts
+    attention.qkv.weight.data = plain.weight.data
+    _, weights = attention(tokens, return_weights=True)
+    assert weights.diagonal(dim1=-2, dim2=-1).mean() < 0.07
 
 
 def test_every_parameter_gets_a_gradient_and_a_tiny_batch_is_learned():
@@ -161,18 +211,6 @@ def test_each_class_checks_its_own_sizes():
         vit.Attention(32, 0)
 
 
-@pytest.mark.parametrize("images, message", [
-    (torch.randn(3, 32, 32), r"\(batch, 3, 32, 32\), got torch.float32 \(3, 32, 32\)"),
-    (torch.randn(2, 1, 32, 32), r"got torch.float32 \(2, 1, 32, 32\)"),
-    (torch.randn(2, 3, 64, 64), r"got torch.float32 \(2, 3, 64, 64\)"),
-    (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "got torch.uint8 .* vit.normalise converts"),
-    (torch.zeros(2, 3, 32, 32, dtype=torch.float64), "expected torch.float32 .* got torch.float64"),
-])
-def test_bad_batches_raise_value_errors(images, message):
-    with pytest.raises(ValueError, match=message):
-        tiny_vit()(images)
-
-
 # ----------------------------------------------------------------------------------------- data
 
 def write_pet(root):
@@ -200,9 +238,12 @@ def write_pet(root):
 
 def test_pet_is_decoded_to_rgb_tensors(tmp_path):
     names = write_pet(tmp_path)["trainval"]
-    images, labels = vit.load_data(tmp_path, "trainval", 32)
+    (train, test), classes = vit.open_data(tmp_path, 32)
+    images, labels = vit.load_data(train)
     assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
     assert labels.tolist() == [0, 0, 5, 1]  # Pet's class ids less one: the head needs all 37
+    assert len(classes) == 37 and classes[:3] == ["Abyssinian", "American Bulldog", "class 2"]
+    assert classes[5] == "Bengal" and classes[36] == "class 36"
     for image, name in zip(images, names):  # exactly the decoded, resized, centre-cropped images
         pil = Image.open(tmp_path / "oxford-iiit-pet" / "images" / f"{name}.jpg").convert("RGB")
         assert torch.equal(image, TF.pil_to_tensor(TF.center_crop(TF.resize(pil, 32), 32)))
@@ -214,8 +255,10 @@ def test_pet_is_decoded_to_rgb_tensors(tmp_path):
 def test_real_pet_slice_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(vit, "WORKERS", 2)
     (tmp_path / "oxford-iiit-pet").symlink_to(PETS3 / "oxford-iiit-pet")
-    images, labels = vit.load_data(tmp_path, "test", 48)
+    (train, test), classes = vit.open_data(tmp_path, 48)
+    images, labels = vit.load_data(test)
     assert images.shape == (298, 3, 48, 48) and sorted(set(labels.tolist())) == [0, 1, 5]
+    assert [classes[label] for label in (0, 1, 5)] == ["Abyssinian", "American Bulldog", "Bengal"]
     assert 60 < images.float().mean() < 190 and images.float().std() > 30  # real pictures
 
 
@@ -354,7 +397,11 @@ def test_each_epoch_is_tested_and_logged(capsys, tmp_path):
 # ---------------------------------------------------------------------------------- command line
 
 def run(tmp_path, *args):
-    vit.main([*TINY, "--out-dir", str(tmp_path / "out"), "--data-dir", str(tmp_path), *args])
+    """vit.py's command line on tmp_path/photos (written if missing); returns vit.pt."""
+    if not (tmp_path / "photos").exists():
+        write_photos(tmp_path / "photos")
+    vit.main([*TINY, "--out-dir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "photos"),
+              *args])
     return torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
 
 
@@ -366,23 +413,27 @@ def refuse_to_decode(monkeypatch):
 
 def test_cli_writes_plots_and_a_checkpoint_that_scores_what_it_recorded(tmp_path, capsys):
     checkpoint = run(tmp_path, "--epochs", "2")
-    assert checkpoint.keys() == {"model", "config", "options", "history", "optimizer", "rng"}
+    assert checkpoint.keys() == {"model", "config", "options", "classes", "history", "optimizer",
+                                 "rng"}
+    assert checkpoint["classes"] == ["cat", "dog"] and checkpoint["config"]["num_classes"] == 2
     for name in ("patches.png", "loss.png", "attention.png"):
         assert Image.open(tmp_path / "out" / name).size[0] > 300
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "attention.png", "loss.png", "patches.png", "vit.pt"]  # no .tmp left
-    assert checkpoint["options"]["batch_size"] == 32 and checkpoint["options"]["fake_data"]
+    assert checkpoint["options"]["batch_size"] == 8 and checkpoint["options"]["epochs"] == 2
     # absolute, so that --resume finds the data from any folder
-    assert checkpoint["options"]["data_dir"] == str(tmp_path)
+    assert checkpoint["options"]["data_dir"] == str(tmp_path / "photos")
     model = vit.ViT(**checkpoint["config"])
     model.load_state_dict(checkpoint["model"])
-    images, labels = vit.load_data(None, "test", 32, fake=True)
+    (train, test), classes = vit.open_data(tmp_path / "photos", 32)
+    images, labels = vit.load_data(test)
+    assert labels.tolist() == [0] * 4 + [1] * 4
     loss, accuracy = vit.evaluate(model, images, labels)
     assert accuracy == checkpoint["history"]["test_acc"][-1]
     assert loss == pytest.approx(checkpoint["history"]["test_loss"][-1])
     out = capsys.readouterr().out
-    assert "decoding trainval: 256/256" in out and "decoding test: 256/256" in out
-    assert f"test accuracy {accuracy:.1%}" in out
+    assert "decoding 32 images: 32" in out and "decoding 8 images: 8" in out
+    assert f"test accuracy {accuracy:.1%} on 2 classes (cat, dog), plots and vit.pt in" in out
 
 
 def test_attention_plot_shows_the_class_tokens_attention_in_the_last_block(monkeypatch):
@@ -394,7 +445,8 @@ def test_attention_plot_shows_the_class_tokens_attention_in_the_last_block(monke
     torch.manual_seed(0)
     model = tiny_vit(patch_size=16)  # 2 x 2 patches
     images, labels = fake_data(3)
-    vit.plot_attention(model, images, labels, "attention.png")
+    classes = ["Abyssinian", "Bengal", "Beagle", "Boxer", "Pug"]
+    vit.plot_attention(model, images, labels, classes, "attention.png")
     logits, weights = model(vit.normalise(images), return_weights=True)
     expected = weights[-1].mean(1)[:, 0, 1:].reshape(3, 1, 2, 2)  # heads averaged, over patches
     expected = F.interpolate(expected, size=(32, 32), mode="bilinear")
@@ -402,7 +454,7 @@ def test_attention_plot_shows_the_class_tokens_attention_in_the_last_block(monke
         picture, heat_map = axis.get_images()
         assert (torch.tensor(picture.get_array()) == images[i].permute(1, 2, 0)).all()
         torch.testing.assert_close(torch.tensor(heat_map.get_array()), expected[i, 0])
-        assert axis.get_title() == f"class {labels[i]}, predicted {logits[i].argmax()}"
+        assert axis.get_title() == f"{classes[labels[i]]}, predicted {classes[logits[i].argmax()]}"
 
 
 def test_same_seed_same_history(tmp_path):
@@ -432,7 +484,7 @@ def test_interrupted_run_resumes_with_its_own_options_to_the_same_history(tmp_pa
         run(tmp_path / "cut", "--epochs", "3")
     assert exit.value.code == 130
     out = tmp_path / "cut" / "out"
-    message = f"interrupted: {out}/vit.pt keeps 1 of 3 epochs, --resume goes on"
+    message = f"interrupted: {out}/vit.pt keeps the last whole epoch, --resume goes on"
     assert message in capsys.readouterr().err
     assert len(torch.load(out / "vit.pt", weights_only=True)["history"]["train_loss"]) == 1
     monkeypatch.undo()
@@ -464,7 +516,7 @@ def test_ctrl_c_while_saving_reports_what_vit_pt_holds(tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit) as exit:
         run(tmp_path, "--epochs", "3")
     assert exit.value.code == 130
-    assert "keeps 1 of 3 epochs, --resume goes on" in capsys.readouterr().err
+    assert "vit.pt keeps the last whole epoch, --resume goes on" in capsys.readouterr().err
     saved = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
     assert len(saved["history"]["test_acc"]) == 1
 
@@ -476,10 +528,10 @@ def test_ctrl_c_while_decoding_exits_130_saying_nothing_was_saved(tmp_path, monk
     with pytest.raises(SystemExit) as exit:
         run(tmp_path)
     assert exit.value.code == 130
-    assert "interrupted: no checkpoint written" in capsys.readouterr().err
+    assert "interrupted: nothing saved" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option", [["--epochs", "5"], ["--lr", "0.001"], ["--fake-data"],
+@pytest.mark.parametrize("option", [["--epochs", "5"], ["--lr", "0.001"], ["--dim", "64"],
                                     ["--seed=1"]])
 def test_resume_refuses_every_option_but_where_things_are(tmp_path, monkeypatch, capsys, option):
     refuse_to_decode(monkeypatch)
@@ -495,14 +547,17 @@ def test_resume_takes_a_new_data_dir_and_device(tmp_path, monkeypatch):
     checkpoint["options"]["epochs"] = 2  # as if stopped after one of two epochs
     checkpoint["options"]["device"] = "meta"  # made on another machine
     torch.save(checkpoint, tmp_path / "out" / "vit.pt")
-    seen, load_data = [], vit.load_data
+    (tmp_path / "photos").rename(tmp_path / "moved")
+    folders, devices, load_data = [], [], vit.load_data
 
-    def spy(*args):
-        seen.append(args)
-        return load_data(*args)
+    def spy(dataset, device):
+        folders.append(Path(dataset.root).parent)
+        devices.append(device)
+        return load_data(dataset, device)
     monkeypatch.setattr(vit, "load_data", spy)
-    vit.main(["--out-dir", str(tmp_path / "out"), "--resume", "--data-dir", str(tmp_path / "new")])
-    assert seen[0][0] == str(tmp_path / "new") and seen[0][3] == "cpu"  # this machine's device
+    moved = str(tmp_path / "moved")
+    vit.main(["--out-dir", str(tmp_path / "out"), "--resume", "--data-dir", moved])
+    assert folders == [tmp_path / "moved"] * 2 and devices == ["cpu"] * 2  # this machine's device
     saved = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
     assert len(saved["history"]["train_loss"]) == 2 and saved["options"]["epochs"] == 2
 
@@ -575,8 +630,9 @@ def test_what_does_not_fit_exits_1_in_one_line_before_decoding(tmp_path, monkeyp
                                                                message):
     (tmp_path / "file").write_text("a file, not a folder")
     refuse_to_decode(monkeypatch)
+    write_photos(tmp_path / "photos")
     with pytest.raises(SystemExit, match=message):
-        vit.main([*TINY, "--out-dir", str(tmp_path / "out"),
+        vit.main([*TINY, "--out-dir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "photos"),
                   *[arg.format(tmp=tmp_path) for arg in args]])
 
 
@@ -603,10 +659,13 @@ def test_help_shows_every_default(capsys):
         assert default in help
 
 
-def test_missing_pet_without_network_exits_1_in_one_line(tmp_path, offline):
+def test_missing_pet_without_network_says_what_to_do_in_one_line(tmp_path, offline):
     with pytest.raises(SystemExit) as exit:
         vit.main(["--data-dir", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "out")])
-    assert exit.value.code.startswith("error: ") and "no network in this test" in exit.value.code
+    assert exit.value.code == (
+        f"error: Oxford-IIIT Pet could not be downloaded to {tmp_path / 'nothing'} (<urlopen error "
+        "no network in this test>): go online, put it there by hand, or use --data-dir with train/ "
+        "and test/")
     assert not (tmp_path / "out" / "vit.pt").exists()  # the folder stays free for the next try
 
 
@@ -627,13 +686,67 @@ def test_broken_pet_exits_1_in_one_line(tmp_path, monkeypatch, damage):
         assert "Abyssinian_2.jpg" in exit.value.code
 
 
+def break_photos(photos, damage):
+    if damage == "no test":
+        shutil.rmtree(photos / "test")
+    elif damage == "no train":
+        shutil.rmtree(photos / "train")
+    elif damage == "other classes":
+        (photos / "test" / "dog").rename(photos / "test" / "fox")
+    elif damage == "empty class":
+        (photos / "test" / "fox").mkdir()
+        (photos / "train" / "fox").mkdir()
+        (photos / "train" / "fox" / ".hidden.png").write_bytes(b"")
+    elif damage == "one class":
+        shutil.rmtree(photos / "train" / "dog")
+        shutil.rmtree(photos / "test" / "dog")
+    elif damage == "no class":
+        shutil.rmtree(photos / "train")
+        (photos / "train").mkdir()
+    elif damage == "not an image":
+        (photos / "train" / "cat" / "notes.txt").write_text("cats like boxes")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no test", "[Errno 2] No such file or directory: '{photos}/test'"),
+    ("no train", "[Errno 2] No such file or directory: '{photos}/train'"),
+    ("other classes", "{photos}/train and {photos}/test hold different class folders"),
+    ("empty class", "{photos}/train/fox holds no images"),  # a hidden file is no image
+    ("one class", "{photos}/train holds one class folder: a classifier needs two or more"),
+    ("no class", "Couldn't find any class folder in {photos}/train."),
+    ("not an image", "PIL.UnidentifiedImageError: cannot identify image file "
+                     "<_io.BufferedReader name='{photos}/train/cat/notes.txt'>"),
+])
+def test_broken_photos_exit_1_in_one_line_naming_the_folder_or_file(tmp_path, monkeypatch, damage,
+                                                                    message):
+    monkeypatch.setattr(vit, "WORKERS", 1)  # a worker's error carries its traceback
+    photos = write_photos(tmp_path / "photos")
+    break_photos(photos, damage)
+    with pytest.raises(SystemExit) as exit:
+        run(tmp_path)
+    assert exit.value.code == "error: " + message.format(photos=photos)
+    assert not (tmp_path / "out" / "vit.pt").exists()
+
+
+def test_resume_refuses_data_with_other_classes(tmp_path, monkeypatch):
+    checkpoint = run(tmp_path, "--epochs", "1")
+    checkpoint["options"]["epochs"] = 2
+    torch.save(checkpoint, tmp_path / "out" / "vit.pt")
+    for split in ("train", "test"):
+        (tmp_path / "photos" / split / "dog").rename(tmp_path / "photos" / split / "fox")
+    refuse_to_decode(monkeypatch)
+    with pytest.raises(SystemExit, match=f"^error: {tmp_path}/photos holds other classes than the "
+                                         f"run in {tmp_path}/out/vit.pt$"):
+        vit.main(["--out-dir", str(tmp_path / "out"), "--resume"])
+
+
 def test_missing_dataset_from_the_shell_exits_1_without_traceback(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "https_proxy": "http://127.0.0.1:9",
            "http_proxy": "http://127.0.0.1:9"}
     done = subprocess.run([sys.executable, str(Path(vit.__file__)), "--data-dir", str(tmp_path),
                            "--out-dir", str(tmp_path / "out")], capture_output=True, text=True,
                           env=env, timeout=120)
-    assert done.returncode == 1 and done.stderr.startswith("error: ")
+    assert done.returncode == 1 and done.stderr.startswith("error: Oxford-IIIT Pet could not be")
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 

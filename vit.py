@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 from einops import rearrange
-from torchvision.datasets import FakeData, OxfordIIITPet
+from torchvision.datasets import ImageFolder, OxfordIIITPet
 
 # ------------------------------------------------------------------------------------ model
 class PatchEmbedding(nn.Module):
@@ -67,6 +67,13 @@ class Block(nn.Module):
         x = x + out
         return x + self.mlp(self.norm2(x)), weights
 
+def sincos_2d(side, dim):  # (side * side, dim): each patch's column and row as sines and cosines
+    rows, columns = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    frequencies = 10000 ** -torch.linspace(0, 1, dim // 4)  # from 1 to 1 / 10000
+    x = columns.reshape(-1, 1) * frequencies  # (side * side, dim // 4)
+    y = rows.reshape(-1, 1) * frequencies
+    return F.pad(torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1), (0, dim % 4))
+
 class ViT(nn.Module):
     """Patch tokens and a class token, positions added, mixed by blocks; a head reads the class."""
     def __init__(self, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels=3):
@@ -83,17 +90,21 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
-        # as timm's ViT: positions and linear weights truncated normal (std 0.02), biases zero
-        nn.init.trunc_normal_(self.pos_embedding, std=0.02)
+        # as timm's ViT: linear weights truncated normal (std 0.02), biases zero
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            # positions start as sines and cosines of each patch's column and row
+            self.pos_embedding[0, 1:] = sincos_2d(image_size // patch_size, dim)
+            # attention as training leaves it (mimetic init, Trockman and Kolter 2023): W_q^T W_k
+            # near 0.7 I, so that tokens attend to similar and nearby ones; W_o W_v near -0.4 I
+            qk, vo = 0.7**0.5 * torch.eye(dim), 0.4**0.5 * torch.eye(dim)
+            for block in self.blocks:
+                block.attn.qkv.weight += torch.cat([qk, qk, -vo])  # the q, k and v rows
+                block.attn.proj.weight += vo
     def forward(self, images, return_weights=False):  # (b, c, h, w) float
-        c, s = self.config["channels"], self.config["image_size"]
-        if images.shape[1:] != (c, s, s) or images.dtype != self.cls_token.dtype:
-            raise ValueError(f"expected {self.cls_token.dtype} images (batch, {c}, {s}, {s}), got "
-                             f"{images.dtype} {tuple(images.shape)}: vit.normalise converts uint8")
         x = self.patch_embed(images)  # (b, n, dim)
         cls = self.cls_token.expand(len(x), -1, -1)  # (b, 1, dim)
         x = torch.cat([cls, x], dim=1) + self.pos_embedding  # (b, n + 1, dim)
@@ -104,61 +115,51 @@ class ViT(nn.Module):
         logits = self.head(self.norm(x[:, 0]))  # (b, num_classes), from the class token
         return (logits, all_weights) if return_weights else logits
 
-# our parameter names -> torchvision's (its MLP keeps a Dropout at index 2)
-RENAMES = [("patch_embed.proj.", "conv_proj."), ("cls_token", "class_token"),
-           ("pos_embedding", "encoder.pos_embedding"), ("blocks.", "encoder.layers.encoder_layer_"),
-           ("norm1.", "ln_1."), ("norm2.", "ln_2."), ("mlp.2.", "mlp.3."), ("norm.", "encoder.ln."),
-           ("attn.qkv.", "self_attention.in_proj_"), ("attn.proj.", "self_attention.out_proj."),
-           ("head.", "heads.head.")]
-
-def from_torchvision(tv, num_classes=None):
-    """Our ViT with a torchvision VisionTransformer's weights; another num_classes: a new head."""
-    if not isinstance(getattr(tv, "conv_proj", None), nn.Conv2d) or tv.representation_size:
-        raise ValueError("from_torchvision takes a ViT with a patch convolution and a linear head")
-    num_classes = tv.num_classes if num_classes is None else num_classes
-    model = ViT(tv.image_size, tv.patch_size, num_classes, tv.hidden_dim, len(tv.encoder.layers),
-                tv.encoder.layers[0].num_heads, tv.mlp_dim)
-    theirs = tv.state_dict()
-    for name, param in model.state_dict().items():
-        their_name = name
-        for our_part, their_part in RENAMES:
-            their_name = their_name.replace(our_part, their_part)
-        weight = theirs[their_name]
-        if name == "patch_embed.proj.weight":  # the conv's (dim, c, p, p) is our (dim, c * p * p)
-            weight = weight.flatten(1)
-        if name.startswith("head.") and num_classes != tv.num_classes:
-            weight = torch.zeros_like(param)  # a new head, for fine-tuning, starts at zero
-        if weight.shape != param.shape:
-            raise ValueError(f"torchvision's {their_name} is {tuple(weight.shape)}, our {name} "
-                             f"{tuple(param.shape)}")
-        param.copy_(weight)
-    return model
-
 # ------------------------------------------------------------------------------------- data
-PET_CLASSES = 37  # breeds in Oxford-IIIT Pet
-WORKERS = min(8, os.cpu_count() or 1)  # processes that decode the JPEGs
+WORKERS = min(8, os.cpu_count() or 1)  # processes that decode the images
 
-def load_data(data_dir, split, image_size, device="cpu", fake=False):
-    """Pet's "trainval" or "test" split (downloaded if missing) or random images, decoded once."""
+def image_folder(folder, transform):  # folder/<class>/<image>: every file but hidden ones
+    dataset = ImageFolder(folder, transform, allow_empty=True,
+                          is_valid_file=lambda path: not Path(path).name.startswith("."))
+    for label, name in enumerate(dataset.classes):
+        if label not in dataset.targets:
+            raise ValueError(f"{folder / name} holds no images")
+    if len(dataset.classes) < 2:
+        raise ValueError(f"{folder} holds one class folder: a classifier needs two or more")
+    return dataset
+
+def open_data(data_dir, image_size):
+    """Train and test split, and class names: of data_dir/{train,test}/<class>/ or else of Pet."""
     transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
-    if fake:  # random images, other ones for the test split
-        dataset = FakeData(256, (3, image_size, image_size), PET_CLASSES, transform,
-                           random_offset=256 if split == "test" else 0)
-    else:
-        dataset = OxfordIIITPet(data_dir, split, transform=transform, download=True)
+    folders = [Path(data_dir) / "train", Path(data_dir) / "test"]
+    if any(folder.exists() for folder in folders):
+        splits = [image_folder(folder, transform) for folder in folders]
+        if splits[0].classes != splits[1].classes:
+            raise ValueError(f"{folders[0]} and {folders[1]} hold different class folders")
+        return splits, splits[0].classes
+    try:
+        splits = [OxfordIIITPet(data_dir, split, transform=transform, download=True)
+                  for split in ("trainval", "test")]
+    except OSError as error:  # no network, most often
+        raise OSError(f"Oxford-IIIT Pet could not be downloaded to {data_dir} ({error}): go online,"
+                      " put it there by hand, or use --data-dir with train/ and test/") from None
+    # Pet's labels are its breed ids (0-36), also in a copy that holds only some breeds
+    names = dict(zip(sorted(set(splits[0]._labels)), splits[0].classes))
+    return splits, [names.get(label, f"class {label}") for label in range(37)]
+
+def load_data(dataset, device="cpu"):  # decoded once, into memory
     images, labels = [], []
     for batch_images, batch_labels in torch.utils.data.DataLoader(dataset, 64, num_workers=WORKERS):
         images.append(batch_images)
         labels.append(batch_labels)
-        print(f"\rdecoding {split}: {sum(map(len, labels))}/{len(dataset)}", end="", flush=True)
+        print(f"\rdecoding {len(dataset)} images: {sum(map(len, labels))}", end="", flush=True)
     print()
     return torch.cat(images).to(device), torch.cat(labels).to(device)  # uint8 (n, 3, s, s), (n,)
 
 def normalise(images):  # uint8 (b, 3, s, s) -> float, with ImageNet's mean and std per channel
-    scaled = images.float() / 255
-    return T.functional.normalize(scaled, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    return T.functional.normalize(images / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
-def augment(images, min_scale=0.25, flip=True):  # (b, c, s, s) float
+def augment(images, min_scale=0.5, flip=True):  # (b, c, s, s) float
     """Crop each image (area min_scale..1, aspect 3/4..4/3) and mirror half: one resampling."""
     b = len(images)
     area = torch.empty(b).uniform_(min_scale, 1)
@@ -189,8 +190,7 @@ def train_step(model, optimizer, images, targets, label_smoothing):  # the model
 def evaluate(model, images, labels, batch_size=256):  # uint8 images -> mean loss, accuracy
     model.eval()
     logits = torch.cat([model(normalise(x)) for x in images.split(batch_size)])  # (n, classes)
-    accuracy = (logits.argmax(-1) == labels).float().mean().item()
-    return F.cross_entropy(logits, labels).item(), accuracy
+    return F.cross_entropy(logits, labels).item(), logits.argmax(1).eq(labels).float().mean().item()
 
 def lr_at(step, peak, warmup_steps, total_steps):  # a linear warm-up, then a cosine to zero
     if step < warmup_steps:
@@ -198,12 +198,12 @@ def lr_at(step, peak, warmup_steps, total_steps):  # a linear warm-up, then a co
     return peak * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps))) / 2
 
 def train(model, train_data, test_data, epochs, batch_size, lr=3e-4, weight_decay=0.05, warmup=5,
-          label_smoothing=0.1, min_scale=0.25, flip=True, mix=True, path=None, options=None,
+          label_smoothing=0.1, min_scale=0.5, flip=True, mix=True, path=None, keep=None,
           resume=None):
     """AdamW on augmented (and mixed) batches, lr warm-up then cosine; a test after each epoch."""
-    # weight matrices decay; biases, norms, the class token and the positions do not
-    decay = [p for p in model.parameters() if p.ndim == 2]
-    no_decay = [p for p in model.parameters() if p.ndim != 2]
+    # weights that multiply (matrices, kernels) decay; biases, norms, tokens, positions do not
+    decay = [p for name, p in model.named_parameters() if name.endswith("weight") and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
     groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0)]
     optimizer = torch.optim.AdamW(groups, lr)
     classes = model.config["num_classes"]
@@ -235,14 +235,12 @@ def train(model, train_data, test_data, epochs, batch_size, lr=3e-4, weight_deca
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"the training loss is {train_loss} in epoch {epoch + 1}")
         test_loss, test_acc = evaluate(model, *test_data)
-        history["train_loss"].append(train_loss)
-        history["test_loss"].append(test_loss)
-        history["test_acc"].append(test_acc)
-        if path:  # all that resume needs, written whole: to a temporary name, then renamed
-            checkpoint = {"model": model.state_dict(), "config": model.config, "options": options,
-                          "history": history, "optimizer": optimizer.state_dict(),
-                          "rng": torch.get_rng_state()}
-            torch.save(checkpoint, f"{path}.tmp")
+        for key, value in zip(history, (train_loss, test_loss, test_acc)):
+            history[key].append(value)
+        if path:  # all that resume needs, and keep, written whole: to a temporary name, renamed
+            checkpoint = {"model": model.state_dict(), "config": model.config, "history": history,
+                          "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+            torch.save(checkpoint | (keep or {}), f"{path}.tmp")
             os.replace(f"{path}.tmp", path)
         minutes_left = (time.perf_counter() - epoch_started) * (epochs - epoch - 1) / 60
         print(f"epoch {epoch + 1}/{epochs}  train loss {train_loss:.3f}  test loss {test_loss:.3f}"
@@ -273,15 +271,15 @@ def plot_history(history, path):
     plt.close(figure)
 
 @torch.no_grad()
-def plot_attention(model, images, labels, path):  # uint8 (k, 3, s, s), (k,)
+def plot_attention(model, images, labels, classes, path):  # uint8 (k, 3, s, s), (k,)
     logits, weights = model(normalise(images), return_weights=True)
     side = images.shape[-1] // model.config["patch_size"]
     maps = weights[-1].mean(dim=1)[:, 0, 1:].reshape(-1, 1, side, side)  # (k, 1, s/p, s/p)
     maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear")  # (k, 1, s, s)
     figure, axes = plt.subplots(1, len(images), figsize=(2.6 * len(images), 3), squeeze=False)
     for i, (label, guess) in enumerate(zip(labels.tolist(), logits.argmax(-1).tolist())):
-        color = "green" if guess == label else "red"
-        axes[0, i].set_title(f"class {label}, predicted {guess}", color=color, fontsize=9)
+        axes[0, i].set_title(f"{classes[label]}, predicted {classes[guess]}", fontsize=9,
+                             color="green" if guess == label else "red")
         axes[0, i].imshow(images[i].permute(1, 2, 0).cpu().numpy())
         axes[0, i].imshow(maps[i, 0].cpu().numpy(), cmap="inferno", alpha=0.5)
         axes[0, i].axis("off")
@@ -294,7 +292,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(  # no usage block: an error is one line
         description=__doc__.splitlines()[0], usage=argparse.SUPPRESS, allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-dir", type=os.path.abspath, default="data", help="holds Pet")
+    parser.add_argument("--data-dir", type=os.path.abspath, default="data", help="holds the images")
     parser.add_argument("--out-dir", default="out", help="where vit.pt and the plots go")
     parser.add_argument("--epochs", type=int, default=220, help="passes over the training set")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step")
@@ -308,7 +306,6 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="for the weights and the batches")
     gpu = torch.cuda.is_available()
     parser.add_argument("--device", default="cuda" if gpu else "cpu", help="cpu, cuda, mps ...")
-    parser.add_argument("--fake-data", action="store_true", help="random images, to try it")
     parser.add_argument("--resume", action="store_true", help="go on with the run in --out-dir")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -329,28 +326,30 @@ def main(argv=None):
     elif path.exists():
         sys.exit(f"error: {path} holds a run: go on with --resume, or use another --out-dir")
     try:  # what goes wrong here ends in a one-line message
+        (train_set, test_set), classes = open_data(args.data_dir, args.image_size)
+        if checkpoint and checkpoint.get("classes") != classes:
+            raise ValueError(f"{args.data_dir} holds other classes than the run in {path}")
         torch.manual_seed(args.seed)
-        model = ViT(args.image_size, args.patch_size, PET_CLASSES, args.dim, args.depth, args.heads,
-                    args.mlp_dim).to(args.device)
+        model = ViT(args.image_size, args.patch_size, len(classes), args.dim, args.depth,
+                    args.heads, args.mlp_dim).to(args.device)
         path.parent.mkdir(parents=True, exist_ok=True)
-        train_data = load_data(args.data_dir, "trainval", args.image_size, args.device,
-                               args.fake_data)
-        images, labels = load_data(args.data_dir, "test", args.image_size, args.device,
-                                   args.fake_data)  # the test split: scored and drawn
+        train_data = load_data(train_set, args.device)
+        images, labels = load_data(test_set, args.device)  # the test split: scored and drawn
         print(f"ViT {model.config}, {sum(p.numel() for p in model.parameters()):,} parameters")
         history = train(model, train_data, (images, labels), args.epochs, args.batch_size,
-                        args.lr, path=path, options=vars(args), resume=checkpoint)
+                        args.lr, path=path, keep=dict(options=vars(args), classes=classes),
+                        resume=checkpoint)
         plot_patches(images[0], args.patch_size, path.with_name("patches.png"))
         plot_history(history, path.with_name("loss.png"))
         shown = torch.linspace(0, len(images) - 1, 4).long()
-        plot_attention(model, images[shown], labels[shown], path.with_name("attention.png"))
-        print(f"test accuracy {history['test_acc'][-1]:.1%}, plots and vit.pt in {path.parent}")
-    except KeyboardInterrupt:
-        kept = "no checkpoint written"
-        if path.exists():  # read back: vit.pt holds the last epoch saved whole
-            done = len(torch.load(path, weights_only=True)["history"]["train_loss"])
-            kept = f"{path} keeps {done} of {args.epochs} epochs, --resume goes on"
-        print(f"\ninterrupted: {kept}", file=sys.stderr)
+        plot_attention(model, images[shown], labels[shown], classes,
+                       path.with_name("attention.png"))
+        tested = [classes[label] for label in labels.unique().tolist()]  # the test split's classes
+        print(f"test accuracy {history['test_acc'][-1]:.1%} on {len(tested)} classes "
+              f"({', '.join(tested)}), plots and vit.pt in {path.parent}")
+    except KeyboardInterrupt:  # vit.pt, if there, holds the last epoch saved whole
+        kept = f"{path} keeps the last whole epoch, --resume goes on"
+        print(f"\ninterrupted: {kept if path.exists() else 'nothing saved'}", file=sys.stderr)
         sys.exit(130)
     except (OSError, RuntimeError, ValueError, FloatingPointError, AssertionError) as error:
         lines = str(error).strip().splitlines() or [repr(error)]  # a worker's error: a traceback
