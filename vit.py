@@ -1,5 +1,4 @@
-"""A Vision Transformer (Dosovitskiy et al., 2020) trained from scratch on Oxford-IIIT Pet.
-Top to bottom: the model, the data, training, plots and the command line (python vit.py --help)."""
+"""A Vision Transformer (Dosovitskiy et al., 2020) trained from scratch on Oxford-IIIT Pet."""
 import argparse
 import math
 import os
@@ -13,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 from einops import rearrange
+from PIL import Image
 from torchvision.datasets import ImageFolder, OxfordIIITPet
 
 # ------------------------------------------------------------------------------------ model
@@ -118,8 +118,14 @@ class ViT(nn.Module):
 # ------------------------------------------------------------------------------------- data
 WORKERS = min(8, os.cpu_count() or 1)  # processes that decode the images
 
+def read_image(path):  # as RGB, or an error that names the file
+    try:
+        return Image.open(path).convert("RGB")
+    except OSError:  # not an image, or a truncated one
+        raise ValueError(f"{path} is not an image that PIL can read whole") from None
+
 def image_folder(folder, transform):  # folder/<class>/<image>: every file but hidden ones
-    dataset = ImageFolder(folder, transform, allow_empty=True,
+    dataset = ImageFolder(folder, transform, loader=read_image, allow_empty=True,
                           is_valid_file=lambda path: not Path(path).name.startswith("."))
     for label, name in enumerate(dataset.classes):
         if label not in dataset.targets:
@@ -141,20 +147,19 @@ def open_data(data_dir, image_size):
         splits = [OxfordIIITPet(data_dir, split, transform=transform, download=True)
                   for split in ("trainval", "test")]
     except OSError as error:  # no network, most often
-        raise OSError(f"Oxford-IIIT Pet could not be downloaded to {data_dir} ({error}): go online,"
-                      " put it there by hand, or use --data-dir with train/ and test/") from None
+        raise OSError(f"Oxford-IIIT Pet could not be downloaded to {data_dir}/oxford-iiit-pet "
+                      f"({error}): go online, put it there by hand, or use --data-dir with train/"
+                      " and test/") from None
     # Pet's labels are its breed ids (0-36), also in a copy that holds only some breeds
     names = dict(zip(sorted(set(splits[0]._labels)), splits[0].classes))
     return splits, [names.get(label, f"class {label}") for label in range(37)]
 
 def load_data(dataset, device="cpu"):  # decoded once, into memory
-    images, labels = [], []
-    for batch_images, batch_labels in torch.utils.data.DataLoader(dataset, 64, num_workers=WORKERS):
-        images.append(batch_images)
-        labels.append(batch_labels)
-        print(f"\rdecoding {len(dataset)} images: {sum(map(len, labels))}", end="", flush=True)
-    print()
-    return torch.cat(images).to(device), torch.cat(labels).to(device)  # uint8 (n, 3, s, s), (n,)
+    print(f"decoding {len(dataset)} images")
+    batches = list(torch.utils.data.DataLoader(dataset, 64, num_workers=WORKERS))
+    images = torch.cat([batch_images for batch_images, batch_labels in batches])
+    labels = torch.cat([batch_labels for batch_images, batch_labels in batches])
+    return images.to(device), labels.to(device)  # uint8 (n, 3, s, s), (n,)
 
 def normalise(images):  # uint8 (b, 3, s, s) -> float, with ImageNet's mean and std per channel
     return T.functional.normalize(images / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -210,11 +215,10 @@ def train(model, train_data, test_data, epochs, batch_size, lr=3e-4, weight_deca
     # Mixup or CutMix, half the time each: images blended, or a box pasted in, targets alike
     mixes = T.RandomChoice([T.MixUp(alpha=0.8, num_classes=classes), T.CutMix(num_classes=classes)])
     mix_batch = mixes if mix else T.Identity()  # labels (b,) -> probabilities (b, classes)
-    history = dict(train_loss=[], test_loss=[], test_acc=[])  # one value per epoch
-    if resume:
+    history = resume["history"] if resume else dict(train_loss=[], test_loss=[], test_acc=[])
+    if resume:  # one value per epoch in history; the weights, moments and random numbers as left
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        history = resume["history"]
         torch.set_rng_state(resume["rng"])  # every random number is drawn on the CPU
     images, labels = train_data  # uint8 (n, 3, s, s), (n,), on the model's device
     steps = max(len(images) // batch_size, 1)  # whole batches only, unless there is just one
@@ -261,10 +265,9 @@ def plot_patches(image, patch_size, path):  # uint8 (3, s, s): the patches the m
 def plot_history(history, path):
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = range(1, len(history["train_loss"]) + 1)
-    left.plot(epochs, history["train_loss"], label="train (augmented, mixed)")
-    left.plot(epochs, history["test_loss"], label="test")
+    left.plot(epochs, history["train_loss"], epochs, history["test_loss"])
     left.set(xlabel="epoch", ylabel="cross-entropy loss")
-    left.legend()
+    left.legend(["train (augmented, mixed)", "test"])
     right.plot(epochs, history["test_acc"])
     right.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1))
     figure.savefig(path, dpi=100, bbox_inches="tight")
@@ -278,7 +281,7 @@ def plot_attention(model, images, labels, classes, path):  # uint8 (k, 3, s, s),
     maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear")  # (k, 1, s, s)
     figure, axes = plt.subplots(1, len(images), figsize=(2.6 * len(images), 3), squeeze=False)
     for i, (label, guess) in enumerate(zip(labels.tolist(), logits.argmax(-1).tolist())):
-        axes[0, i].set_title(f"{classes[label]}, predicted {classes[guess]}", fontsize=9,
+        axes[0, i].set_title(f"{classes[label]}\npredicted {classes[guess]}", fontsize=9,
                              color="green" if guess == label else "red")
         axes[0, i].imshow(images[i].permute(1, 2, 0).cpu().numpy())
         axes[0, i].imshow(maps[i, 0].cpu().numpy(), cmap="inferno", alpha=0.5)
@@ -304,8 +307,7 @@ def main(argv=None):
     parser.add_argument("--mlp-dim", type=int, default=256, help="hidden width of each MLP")
     parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     parser.add_argument("--seed", type=int, default=0, help="for the weights and the batches")
-    gpu = torch.cuda.is_available()
-    parser.add_argument("--device", default="cuda" if gpu else "cpu", help="cpu, cuda, mps ...")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--resume", action="store_true", help="go on with the run in --out-dir")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -335,18 +337,17 @@ def main(argv=None):
         path.parent.mkdir(parents=True, exist_ok=True)
         train_data = load_data(train_set, args.device)
         images, labels = load_data(test_set, args.device)  # the test split: scored and drawn
-        print(f"ViT {model.config}, {sum(p.numel() for p in model.parameters()):,} parameters")
         history = train(model, train_data, (images, labels), args.epochs, args.batch_size,
                         args.lr, path=path, keep=dict(options=vars(args), classes=classes),
                         resume=checkpoint)
         plot_patches(images[0], args.patch_size, path.with_name("patches.png"))
         plot_history(history, path.with_name("loss.png"))
         shown = torch.linspace(0, len(images) - 1, 4).long()
-        plot_attention(model, images[shown], labels[shown], classes,
-                       path.with_name("attention.png"))
+        plot_attention(model, images[shown], labels[shown], classes, path.parent / "attention.png")
         tested = [classes[label] for label in labels.unique().tolist()]  # the test split's classes
-        print(f"test accuracy {history['test_acc'][-1]:.1%} on {len(tested)} classes "
-              f"({', '.join(tested)}), plots and vit.pt in {path.parent}")
+        names = ", ".join(tested) if len(tested) < 5 else f"{tested[0]}, ..., {tested[-1]}"
+        print(f"test accuracy {history['test_acc'][-1]:.1%} on {len(tested)} classes ({names}), "
+              f"plots and vit.pt in {path.parent}")
     except KeyboardInterrupt:  # vit.pt, if there, holds the last epoch saved whole
         kept = f"{path} keeps the last whole epoch, --resume goes on"
         print(f"\ninterrupted: {kept if path.exists() else 'nothing saved'}", file=sys.stderr)
