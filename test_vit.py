@@ -292,6 +292,9 @@ def test_augment_crops_no_less_than_min_scale_of_the_image():
         assert widths[min_scale].min() > (min_scale * 3 / 4) ** 0.5 - 0.05
         assert widths[min_scale].max() < 1.01
     assert (widths[0.05] < 0.5).any() and widths[0.9].min() > 0.75
+    by_default = vit.augment(horizontal_ramp(), flip=False)  # crops from half the area up
+    widths = (by_default[:, 0, 8, -1] - by_default[:, 0, 8, 0]) / 2
+    assert widths.min() > (0.5 * 3 / 4) ** 0.5 - 0.05
 
 
 # ------------------------------------------------------------------------------------- training
