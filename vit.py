@@ -127,9 +127,9 @@ def read_image(path):  # as RGB, or an error that names the file
 def image_folder(folder, transform):  # folder/<class>/<image>: every file but hidden ones
     dataset = ImageFolder(folder, transform, loader=read_image, allow_empty=True,
                           is_valid_file=lambda path: not Path(path).name.startswith("."))
-    for label, name in enumerate(dataset.classes):
-        if label not in dataset.targets:
-            raise ValueError(f"{folder / name} holds no images")
+    empty = set(range(len(dataset.classes))) - set(dataset.targets)  # labels without an image
+    if empty:
+        raise ValueError(f"{folder / dataset.classes[min(empty)]} holds no images")
     if len(dataset.classes) < 2:
         raise ValueError(f"{folder} holds one class folder: a classifier needs two or more")
     return dataset
