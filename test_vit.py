@@ -1,4 +1,5 @@
 """Tests for vit.py: CPU only, under a minute. Run: python -m pytest test_vit.py"""
+import re
 import shutil
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -21,12 +23,6 @@ PETS3 = Path(__file__).resolve().parent.parent / "shared" / "data" / "pets3"
 TINY = ["--image-size", "32", "--patch-size", "8", "--dim", "32", "--depth", "2", "--heads", "2",
         "--mlp-dim", "64", "--batch-size", "8"]
 STEPS_PER_EPOCH = 4  # write_photos' 32 training images in batches of 8
-
-
-@pytest.fixture(autouse=True)
-def decode_in_this_process(monkeypatch):
-    """Worker processes take seconds to start: the tests decode in the test's own process."""
-    monkeypatch.setattr(vit, "WORKERS", 0)
 
 
 @pytest.fixture
@@ -56,7 +52,7 @@ def random_torchvision_vit(**changes):
 
 def write_photos(root, classes=("cat", "dog"), train=16, test=4):
     """Your own images: root/train/<class>/ and root/test/<class>/, a colour for each class, in
-    several file types and modes."""
+    several file types and modes, with the files that photo folders hold beside images."""
     generator = torch.Generator().manual_seed(0)
     for split, count in (("train", train), ("test", test)):
         for label, name in enumerate(classes):
@@ -64,9 +60,12 @@ def write_photos(root, classes=("cat", "dog"), train=16, test=4):
             for i in range(count):
                 noise = torch.randint(0, 60, (30 + i, 40, 3), generator=generator)
                 pixels = (noise + 150 * label).to(torch.uint8).numpy()
-                mode, suffix = [("RGB", "png"), ("L", "jpg"), ("RGBA", "png")][i % 3]
+                mode, suffix = [("RGB", "png"), ("L", "jpg"), ("RGBA", "PNG")][i % 3]
                 Image.fromarray(pixels).convert(mode).save(root / split / name / f"{i}.{suffix}")
             (root / split / name / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden: skipped
+    (root / "train" / "cat" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")  # not images:
+    (root / "train" / "dog" / "notes.txt").write_text("good dogs")  # skipped and counted
+    shutil.copytree(root / "train" / "cat", root / "train" / ".ipynb_checkpoints")  # no class
     return root
 
 
@@ -83,10 +82,11 @@ def test_output_shape(image_size, patch_size, channels, heads, depth):
     model = tiny_vit(image_size=image_size, patch_size=patch_size, channels=channels, heads=heads,
                      depth=depth)
     assert model(torch.randn(3, channels, image_size, image_size)).shape == (3, 5)
-    logits, weights = model(torch.randn(2, channels, image_size, image_size), return_weights=True)
+    for block in model.blocks:
+        block.attn.keep_weights = True
+    assert model(torch.randn(2, channels, image_size, image_size)).shape == (2, 5)
     n = (image_size // patch_size) ** 2 + 1
-    assert logits.shape == (2, 5)
-    assert [w.shape for w in weights] == [(2, heads, n, n)] * depth
+    assert [block.attn.weights.shape for block in model.blocks] == [(2, heads, n, n)] * depth
 
 
 def test_patch_embedding_is_a_strided_convolution():
@@ -99,13 +99,21 @@ def test_patch_embedding_is_a_strided_convolution():
     torch.testing.assert_close(embed(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_explicit_attention_equals_fused_attention():
-    attn = vit.Attention(dim=48, heads=4).eval()
+def test_attention_gives_the_same_tokens_with_and_without_kept_weights():
+    attention = vit.Attention(dim=48, heads=4).eval()
     x = torch.randn(3, 17, 48)
-    fused, none = attn(x)
-    explicit, weights = attn(x, return_weights=True)
-    assert none is None and weights.shape == (3, 4, 17, 17)
+    fused = attention(x)
+    assert fused.shape == (3, 17, 48) and not hasattr(attention, "weights")
+    attention.keep_weights = True
+    explicit = attention(x)
     torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
+    weights = attention.weights  # (b, heads, n, n), each row a distribution over the tokens
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, 17))
+    q, k, v = attention.qkv(x).view(3, 17, 3, 4, 12).permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(weights, (q @ k.transpose(-2, -1) / 12**0.5).softmax(-1))
+    attention.keep_weights = False
+    attention(torch.randn(3, 17, 48))  # the fused kernel keeps nothing
+    assert attention.weights is weights
 
 
 # our parameter names -> torchvision's (its MLP keeps a Dropout at index 2)
@@ -166,13 +174,14 @@ def test_attention_starts_mimetic_so_that_tokens_attend_to_themselves():
     assert (q.T @ k - 0.7 * eye).abs().max() < 0.1  # scores x W_q^T W_k x^T near 0.7 |x|^2
     assert (attention.proj.weight @ v + 0.4 * eye).abs().max() < 0.1
     tokens = F.layer_norm(torch.randn(8, 17, 64), (64,))
-    _, weights = attention(tokens, return_weights=True)  # (8, heads, 17, 17)
-    assert weights.diagonal(dim1=-2, dim2=-1).mean() > 0.3  # far above 1 / 17 at random
+    attention.keep_weights = True
+    attention(tokens)  # weights (8, heads, 17, 17)
+    assert attention.weights.diagonal(dim1=-2, dim2=-1).mean() > 0.3  # far above 1 / 17
     plain = nn.Linear(64, 192)
     nn.init.trunc_normal_(plain.weight, std=0.02)  # as every other linear layer starts
     attention.qkv.weight.data = plain.weight.data
-    _, weights = attention(tokens, return_weights=True)
-    assert weights.diagonal(dim1=-2, dim2=-1).mean() < 0.07
+    attention(tokens)
+    assert attention.weights.diagonal(dim1=-2, dim2=-1).mean() < 0.07
 
 
 def test_every_parameter_gets_a_gradient_and_a_tiny_batch_is_learned():
@@ -211,6 +220,19 @@ def test_each_class_checks_its_own_sizes():
         vit.Attention(32, 0)
 
 
+@pytest.mark.parametrize("images, got", [
+    (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "torch.uint8 of shape (2, 3, 32, 32)"),
+    (torch.zeros(2, 3, 30, 30), "torch.float32 of shape (2, 3, 30, 30)"),
+    (torch.zeros(2, 1, 32, 32), "torch.float32 of shape (2, 1, 32, 32)"),
+    (torch.zeros(3, 32, 32), "torch.float32 of shape (3, 32, 32)"),  # one image, not a batch
+    (torch.zeros(1, 2, 3, 32, 32), "torch.float32 of shape (1, 2, 3, 32, 32)"),
+])
+def test_the_model_refuses_images_it_cannot_read(images, got):
+    expected = f"ViT takes floating-point images of shape (b, 3, 32, 32), not {got}"
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        tiny_vit()(images)
+
+
 # ----------------------------------------------------------------------------------------- data
 
 def write_pet(root):
@@ -238,8 +260,8 @@ def write_pet(root):
 
 def test_pet_is_decoded_to_rgb_tensors(tmp_path):
     names = write_pet(tmp_path)["trainval"]
-    (train, test), classes = vit.open_data(tmp_path, 32)
-    images, labels = vit.load_data(train)
+    (files, labels), test, classes = vit.open_data(tmp_path)
+    images = vit.load_images(files, 32)
     assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
     assert labels.tolist() == [0, 0, 5, 1]  # Pet's class ids less one: the head needs all 37
     assert len(classes) == 37 and classes[:3] == ["Abyssinian", "American Bulldog", "class 2"]
@@ -252,14 +274,66 @@ def test_pet_is_decoded_to_rgb_tensors(tmp_path):
 
 
 @pytest.mark.skipif(not PETS3.exists(), reason="../shared/data/pets3 is not beside this checkout")
-def test_real_pet_slice_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(vit, "WORKERS", 2)
+def test_real_pet_slice_loads(tmp_path):
     (tmp_path / "oxford-iiit-pet").symlink_to(PETS3 / "oxford-iiit-pet")
-    (train, test), classes = vit.open_data(tmp_path, 48)
-    images, labels = vit.load_data(test)
+    train, (files, labels), classes = vit.open_data(tmp_path)
+    images = vit.load_images(files, 48)
     assert images.shape == (298, 3, 48, 48) and sorted(set(labels.tolist())) == [0, 1, 5]
     assert [classes[label] for label in (0, 1, 5)] == ["Abyssinian", "American Bulldog", "Bengal"]
     assert 60 < images.float().mean() < 190 and images.float().std() > 30  # real pictures
+
+
+def test_own_photos_skip_hidden_folders_and_count_files_that_are_not_images(tmp_path, capsys):
+    photos = write_photos(tmp_path / "photos")
+    (train_files, train_labels), (test_files, test_labels), classes = vit.open_data(photos)
+    assert classes == ["cat", "dog"]  # not .ipynb_checkpoints
+    assert len(train_files) == 32 and train_labels.tolist() == [0] * 16 + [1] * 16
+    assert {file.parent.name for file in train_files} == {"cat", "dog"}
+    assert len(test_files) == 8 and test_labels.tolist() == [0] * 4 + [1] * 4
+    assert capsys.readouterr().out == (f"skipped 2 files in {photos / 'train'} that are not "
+                                       "images, as Thumbs.db\n")
+
+
+def write_flat_photos(root, counts=(("cat", 10), ("dog", 6), ("fox", 2))):
+    for name, count in counts:
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (20, 20), (10 * i, 100, 0)).save(root / name / f"{i}.png")
+    (root / ".ipynb_checkpoints").mkdir()
+    return root
+
+
+def test_a_folder_of_class_folders_holds_out_a_seeded_fifth_of_each_class(tmp_path, capsys):
+    photos = write_flat_photos(tmp_path / "photos")
+    (train, train_labels), (test, test_labels), classes = vit.open_data(photos, seed=0)
+    assert classes == ["cat", "dog", "fox"]
+    assert test_labels.tolist() == [0, 0, 1, 2]  # 2 of 10, 1 of 6, and at least 1 of 2
+    assert train_labels.tolist() == [0] * 8 + [1] * 5 + [2]
+    assert sorted(train + test) == sorted(photos.glob("*/*.png")) and not set(train) & set(test)
+    assert all(file.parent.name == classes[label] for file, label in zip(test, test_labels))
+    said = f"{photos} holds no train/ and test/: 4 of its images, a fifth of each class drawn by"
+    assert capsys.readouterr().out == f"{said} --seed, are held out to test\n"
+    assert vit.open_data(photos, seed=0)[1][0] == test  # the same split for the same seed
+    assert vit.open_data(photos, seed=1)[1][0] != test
+
+
+def test_images_are_read_as_a_person_sees_them(tmp_path):
+    wide = np.zeros((20, 40, 3), dtype=np.uint8)
+    wide[:, :20] = (255, 0, 0)  # red on the left, blue on the right
+    wide[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: show the picture turned a quarter clockwise
+    Image.fromarray(wide).save(tmp_path / "phone.jpg", exif=exif)
+    upright = np.asarray(vit.read_image(tmp_path / "phone.jpg"))
+    assert upright.shape == (40, 20, 3)  # tall, as taken
+    assert upright[5, 10, 0] > 200 and upright[35, 10, 2] > 200  # red above, blue below
+    ramp = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)  # 16 bits a pixel
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    deep = np.asarray(vit.read_image(tmp_path / "deep.png"))
+    assert (deep == (ramp >> 8).astype(np.uint8)[..., None]).all()  # not white
+    palette = Image.fromarray(wide).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    palette.save(tmp_path / "palette.png")
+    assert (np.asarray(vit.read_image(tmp_path / "palette.png")) == wide).all()
 
 
 def test_normalise_uses_imagenets_mean_and_std():
@@ -268,36 +342,62 @@ def test_normalise_uses_imagenets_mean_and_std():
     torch.testing.assert_close(vit.normalise(images), expected.view(3, 1, 1).expand(2, 3, 4, 4))
 
 
-def horizontal_ramp(count=64, size=16):
-    return torch.linspace(-1, 1, size).expand(count, 3, size, size).clone()  # rises left to right
-
-
-def test_augment_mirrors_only_with_flip():
-    torch.manual_seed(0)
-    flipped = vit.augment(horizontal_ramp())
-    rising = flipped[:, 0, 8, -1] > flipped[:, 0, 8, 0]  # one row's right end above its left end
-    assert 16 < rising.sum() < 48  # about half the images are mirrored
-    kept = vit.augment(horizontal_ramp(), flip=False)
-    assert (kept[:, 0, 8, -1] > kept[:, 0, 8, 0]).all()
-
-
-def test_augment_crops_no_less_than_min_scale_of_the_image():
-    torch.manual_seed(0)
-    widths = {}
-    for min_scale in (0.05, 0.9):
-        crops = vit.augment(horizontal_ramp(), min_scale, flip=False)
-        # the ramp rises by 2 across the image: a crop shows the rise of its width's share
-        widths[min_scale] = (crops[:, 0, 8, -1] - crops[:, 0, 8, 0]) / 2
-        # the narrowest crop: the smallest area at the tallest aspect, 3 / 4 of its square's side
-        assert widths[min_scale].min() > (min_scale * 3 / 4) ** 0.5 - 0.05
-        assert widths[min_scale].max() < 1.01
-    assert (widths[0.05] < 0.5).any() and widths[0.9].min() > 0.75
-    by_default = vit.augment(horizontal_ramp(), flip=False)  # crops from half the area up
-    widths = (by_default[:, 0, 8, -1] - by_default[:, 0, 8, 0]) / 2
-    assert widths.min() > (0.5 * 3 / 4) ** 0.5 - 0.05
-
-
 # ------------------------------------------------------------------------------------- training
+
+class Recorder(nn.Module):
+    """A model that keeps the images it is trained on and guesses from their brightness."""
+    def __init__(self):
+        super().__init__()
+        self.config = dict(num_classes=2)
+        self.scale = nn.Parameter(torch.ones(2, 1))
+        self.seen = []
+
+    def forward(self, images):
+        if self.training:
+            self.seen.append(images)
+        return (images.mean((1, 2, 3)) * self.scale).T  # (b, 2)
+
+
+def horizontal_ramp(count=64, size=32):  # uint8, rising from 0 to 255 left to right
+    return torch.linspace(0, 255, size).round().to(torch.uint8).expand(count, 3, size, size)
+
+
+def train_on_ramps(**recipe):
+    torch.manual_seed(0)
+    model = Recorder()
+    ramps = (horizontal_ramp(), torch.zeros(64, dtype=torch.long))
+    vit.train(model, ramps, ramps, epochs=1, mix=False, trivial_augment=False, **recipe)
+    seen = torch.cat(model.seen)  # normalised: the ramp rises by 1 / 0.229 in the red channel
+    return (seen[:, 0, 16, -1] - seen[:, 0, 16, 0]) * 0.229  # each crop's width, mirrored < 0
+
+
+def test_augmentation_mirrors_only_with_flip():
+    assert 16 < (train_on_ramps() < 0).sum() < 48  # about half the images are mirrored
+    assert (train_on_ramps(flip=False) > 0).all()
+
+
+def test_augmentation_crops_no_less_than_min_scale_of_the_image():
+    for min_scale in (0.05, 0.5, 0.9):
+        widths = train_on_ramps(min_scale=min_scale, flip=False)
+        # the narrowest crop: the smallest area at the tallest aspect, 3 / 4 of its square's side
+        assert widths.min() > (min_scale * 3 / 4) ** 0.5 - 0.05 and widths.max() < 1.01
+    assert train_on_ramps(min_scale=0.05, flip=False).min() < 0.5
+    assert train_on_ramps(flip=False).min() > (0.5 * 3 / 4) ** 0.5 - 0.05  # by default
+
+
+def test_trivial_augment_changes_each_image_by_one_op_only_when_asked():
+    grey = torch.full((64, 3, 32, 32), 128, dtype=torch.uint8)  # crops and mirrors leave it grey
+    seen = {}
+    for trivial_augment in (True, False):
+        torch.manual_seed(0)
+        model = Recorder()
+        data = (grey, torch.zeros(64, dtype=torch.long))
+        vit.train(model, data, data, epochs=1, mix=False, trivial_augment=trivial_augment)
+        seen[trivial_augment] = torch.cat(model.seen)
+    unchanged = (seen[True] - vit.normalise(grey[:1])).abs().amax((1, 2, 3)) < 1e-6
+    assert 4 < (~unchanged).sum() < 64  # brighter, darker, sheared in from black, ...
+    torch.testing.assert_close(seen[False], vit.normalise(grey))
+
 
 def test_lr_warms_up_from_above_zero_to_the_peak_then_follows_a_cosine():
     lrs = [vit.lr_at(step, 1.0, warmup_steps=4, total_steps=20) for step in range(20)]
@@ -307,16 +407,25 @@ def test_lr_warms_up_from_above_zero_to_the_peak_then_follows_a_cosine():
     assert vit.lr_at(0, 1.0, warmup_steps=0, total_steps=1) == 1.0  # a one-step run learns
 
 
+def spy_on_adamw(monkeypatch):
+    """Returns the list that each optimizer step adds its param groups' lr and decay to."""
+    steps = []
+
+    class AdamW(torch.optim.AdamW):
+        def step(self, *args, **kwargs):
+            steps.append([(group["lr"], group["weight_decay"]) for group in self.param_groups])
+            return super().step(*args, **kwargs)
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    return steps
+
+
 @pytest.mark.parametrize("epochs, warmup", [(20, 1), (10, 5)])  # at most a tenth of the run
 def test_train_warms_up_over_an_epoch_then_follows_the_cosine(monkeypatch, epochs, warmup):
-    lrs = []
-
-    def keep_lr(model, optimizer, images, targets, label_smoothing):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        return torch.tensor(1.0)
-    monkeypatch.setattr(vit, "train_step", keep_lr)
-    vit.train(tiny_vit(), fake_data(16), fake_data(16), epochs, batch_size=8, lr=0.01,
+    steps = spy_on_adamw(monkeypatch)
+    vit.train(tiny_vit(), fake_data(16), fake_data(16), epochs=epochs, batch_size=8, lr=0.01,
               warmup=warmup)
+    lrs = [groups[0][0] for groups in steps]
+    assert all(groups[1][0] == groups[0][0] for groups in steps)  # both groups alike
     assert len(lrs) == 2 * epochs  # 16 images in batches of 8
     assert lrs[:3] == [0.005, 0.01, 0.01]  # the warm-up's two steps, then the cosine from its peak
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.0001
@@ -366,14 +475,21 @@ def test_only_weight_matrices_decay(monkeypatch):
     assert len(decayed) + len(kept) == len(names) and not decayed & kept
 
 
+def spy_on_targets(monkeypatch):
+    """Returns the list that each training step adds its targets to."""
+    cross_entropy, targets = F.cross_entropy, []
+
+    def keep_targets(logits, target, **kwargs):
+        if "label_smoothing" in kwargs:  # a training step, not a test
+            targets.append(target)
+        return cross_entropy(logits, target, **kwargs)
+    monkeypatch.setattr(F, "cross_entropy", keep_targets)
+    return targets
+
+
 @pytest.mark.parametrize("mix", [True, False])
 def test_mix_turns_labels_into_mixed_class_probabilities(monkeypatch, mix):
-    targets = []
-
-    def keep_targets(model, optimizer, images, labels, label_smoothing):
-        targets.append(labels)
-        return torch.tensor(1.0)
-    monkeypatch.setattr(vit, "train_step", keep_targets)
+    targets = spy_on_targets(monkeypatch)
     images, labels = fake_data(16)
     vit.train(tiny_vit(), (images, labels), (images, labels), epochs=3, batch_size=8, mix=mix)
     if mix:
@@ -385,13 +501,40 @@ def test_mix_turns_labels_into_mixed_class_probabilities(monkeypatch, mix):
         assert sorted(torch.cat(targets[:2]).tolist()) == sorted(labels.tolist())
 
 
+def test_cutmix_share_chooses_between_cutmix_and_mixup():
+    black_and_white = torch.tensor([0, 255] * 8, dtype=torch.uint8).view(16, 1, 1, 1)
+    data = (black_and_white.expand(16, 3, 32, 32), torch.tensor([0, 1] * 8))
+    black, white = -0.485 / 0.229, (1 - 0.485) / 0.229  # the two colours, normalised
+    for cutmix_share in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = Recorder()
+        vit.train(model, data, data, epochs=3, batch_size=8, cutmix_share=cutmix_share,
+                  trivial_augment=False)
+        seen = torch.cat(model.seen)[:, 0]  # the red channel of each image trained on
+        between = (seen - black).abs().gt(1e-4) & (seen - white).abs().gt(1e-4)
+        one_colour = seen.amax((1, 2)) - seen.amin((1, 2)) < 1e-4
+        if cutmix_share == 0:  # Mixup: every image blended evenly, some of them grey
+            assert one_colour.all() and between.any()
+        else:  # CutMix: a box of one image pasted into another, no grey
+            assert not between.any() and not one_colour.all()
+
+
+def test_train_refuses_images_that_are_not_uint8():
+    images, labels = fake_data()
+    for name, data in [("train_data", ((images / 255, labels), (images, labels))),
+                       ("test_data", ((images, labels), (images.float(), labels)))]:
+        with pytest.raises(ValueError, match=f"^{name} must hold uint8 images \\(0-255\\), not "
+                                             "torch.float32$"):
+            vit.train(tiny_vit(), *data, epochs=1)
+
+
 def test_each_epoch_is_tested_and_logged(capsys, tmp_path):
     torch.manual_seed(0)
     history = vit.train(tiny_vit(), fake_data(), fake_data(), epochs=3, batch_size=8)
     assert len(history["train_loss"]) == len(history["test_loss"]) == len(history["test_acc"]) == 3
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
-    assert all("test loss" in line and "img/s" in line and "min left" in line for line in lines)
+    assert all("test loss" in line and "test acc" in line and "min left" in line for line in lines)
     assert lines[2].endswith("0.0 min left")
     vit.plot_history(history, tmp_path / "loss.png")
     assert Image.open(tmp_path / "loss.png").size[0] > 300
@@ -410,8 +553,8 @@ def run(tmp_path, *args):
 
 def refuse_to_decode(monkeypatch):
     def fail(*args, **kwargs):
-        raise AssertionError("decoded data although the run should have stopped before")
-    monkeypatch.setattr(vit, "load_data", fail)
+        raise AssertionError("decoded images although the run should have stopped before")
+    monkeypatch.setattr(vit, "load_images", fail)
 
 
 def test_cli_writes_plots_and_a_checkpoint_that_scores_what_it_recorded(tmp_path, capsys):
@@ -428,15 +571,15 @@ def test_cli_writes_plots_and_a_checkpoint_that_scores_what_it_recorded(tmp_path
     assert checkpoint["options"]["data_dir"] == str(tmp_path / "photos")
     model = vit.ViT(**checkpoint["config"])
     model.load_state_dict(checkpoint["model"])
-    (train, test), classes = vit.open_data(tmp_path / "photos", 32)
-    images, labels = vit.load_data(test)
+    train, (files, labels), classes = vit.open_data(tmp_path / "photos")
     assert labels.tolist() == [0] * 4 + [1] * 4
-    loss, accuracy = vit.evaluate(model, images, labels)
+    loss, accuracy = vit.evaluate(model, vit.load_images(files, 32), labels)
     assert accuracy == checkpoint["history"]["test_acc"][-1]
     assert loss == pytest.approx(checkpoint["history"]["test_loss"][-1])
     out = capsys.readouterr().out
-    assert "decoding 32 images" in out and "decoding 8 images" in out
-    assert f"test accuracy {accuracy:.1%} on 2 classes (cat, dog), plots and vit.pt in" in out
+    assert out.startswith(f"skipped 2 files in {tmp_path / 'photos' / 'train'} that are not images")
+    assert "decoding 32 training and 8 test images" in out
+    assert f"test accuracy {accuracy:.1%}, plots and vit.pt in {tmp_path / 'out'}\n" in out
 
 
 def test_attention_plot_shows_the_class_tokens_attention_in_the_last_block(monkeypatch):
@@ -450,8 +593,11 @@ def test_attention_plot_shows_the_class_tokens_attention_in_the_last_block(monke
     images, labels = fake_data(3)
     classes = ["Abyssinian", "Bengal", "Beagle", "Boxer", "Pug"]
     vit.plot_attention(model, images, labels, classes, "attention.png")
-    logits, weights = model(vit.normalise(images), return_weights=True)
-    expected = weights[-1].mean(1)[:, 0, 1:].reshape(3, 1, 2, 2)  # heads averaged, over patches
+    assert not model.blocks[-1].attn.keep_weights  # later passes use the fused kernel again
+    attention = model.blocks[-1].attn
+    attention.keep_weights = True
+    logits = model(vit.normalise(images))
+    expected = attention.weights.mean(1)[:, 0, 1:].reshape(3, 1, 2, 2)  # heads averaged
     expected = F.interpolate(expected, size=(32, 32), mode="bilinear")
     for i, axis in enumerate(figures[0].axes):
         picture, heat_map = axis.get_images()
@@ -468,15 +614,16 @@ def test_same_seed_same_history(tmp_path):
     assert first["train_loss"] != other["train_loss"]
 
 
-def interrupt_at_step(monkeypatch, step):
-    train_step, calls = vit.train_step, []
+def interrupt_at_step(monkeypatch, step, error=KeyboardInterrupt):
+    """Raises error in the given training step (counted from 1) of the next run."""
+    forward, calls = vit.ViT.forward, []
 
-    def interrupt(*args):
-        calls.append(1)
-        if len(calls) == step:
-            raise KeyboardInterrupt
-        return train_step(*args)
-    monkeypatch.setattr(vit, "train_step", interrupt)
+    def interrupt(self, images):
+        calls.append(self.training)
+        if sum(calls) == step and self.training:
+            raise error
+        return forward(self, images)
+    monkeypatch.setattr(vit.ViT, "forward", interrupt)
 
 
 def test_interrupted_run_resumes_with_its_own_options_to_the_same_history(tmp_path, monkeypatch,
@@ -491,14 +638,48 @@ def test_interrupted_run_resumes_with_its_own_options_to_the_same_history(tmp_pa
     assert message in capsys.readouterr().err
     assert len(torch.load(out / "vit.pt", weights_only=True)["history"]["train_loss"]) == 1
     monkeypatch.undo()
-    monkeypatch.setattr(vit, "WORKERS", 0)
     monkeypatch.chdir(tmp_path)  # the data folder is found from the checkpoint
     vit.main(["--out-dir", str(out), "--resume"])
     assert torch.load(out / "vit.pt", weights_only=True)["history"] == uninterrupted
-    assert "epoch 2/3" in capsys.readouterr().out
-    vit.main(["--out-dir", str(out), "--resume"])  # a finished run: the plots again, no epoch
-    assert torch.load(out / "vit.pt", weights_only=True)["history"] == uninterrupted
-    assert "epoch " not in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
+    resuming = printed.index("resuming at epoch 2 of 3")
+    assert printed[resuming + 1].startswith("epoch 2/3 ") and len(printed) == resuming + 4
+    refuse_to_decode(monkeypatch)  # a finished run: nothing to decode, nothing drawn again
+    (out / "loss.png").unlink()
+    vit.main(["--out-dir", str(out), "--resume"])
+    accuracy = uninterrupted["test_acc"][-1]
+    assert capsys.readouterr().out == (f"{out}/vit.pt holds a finished run: 3 epochs, test "
+                                       f"accuracy {accuracy:.1%}\n")
+    assert not (out / "loss.png").exists()
+
+
+def test_a_folder_of_class_folders_trains_and_resumes_on_the_same_split(tmp_path, monkeypatch):
+    photos = write_flat_photos(tmp_path / "photos")
+    tested = []
+    load_images = vit.load_images
+
+    def spy(files, image_size):
+        tested.append(files)
+        return load_images(files, image_size)
+    monkeypatch.setattr(vit, "load_images", spy)
+    vit.main([*TINY, "--data-dir", str(photos), "--out-dir", str(tmp_path / "out"), "--seed", "5",
+              "--epochs", "2"])
+    assert len(tested) == 2
+    saved = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
+    assert saved["classes"] == ["cat", "dog", "fox"] and saved["options"]["seed"] == 5
+    # the held-out split, read back from the seed that vit.pt keeps, is the one that was scored
+    train, (files, labels), classes = vit.open_data(saved["options"]["data_dir"],
+                                                    saved["options"]["seed"])
+    assert files == tested[1] and len(files) == 4
+    model = vit.ViT(**saved["config"])
+    model.load_state_dict(saved["model"])
+    accuracy = vit.evaluate(model, load_images(files, 32), labels)[1]
+    assert accuracy == saved["history"]["test_acc"][-1]
+    saved["options"]["epochs"] = 3  # as if stopped after two of three epochs
+    torch.save(saved, tmp_path / "out" / "vit.pt")
+    vit.main(["--out-dir", str(tmp_path / "out"), "--resume"])
+    assert tested[2:] == tested[:2]  # the same training and test images
+    assert len(torch.load(tmp_path / "out" / "vit.pt")["history"]["test_acc"]) == 3
 
 
 def half_written(path):
@@ -506,16 +687,22 @@ def half_written(path):
         file.write(b"PK\x03\x04 the first bytes of a checkpoint")
 
 
-def test_ctrl_c_while_saving_reports_what_vit_pt_holds(tmp_path, monkeypatch, capsys):
-    save, calls = torch.save, []
+def fail_the_second_save(monkeypatch, error):
+    """The second checkpoint is half written, then error is raised, as a full disk or Ctrl-C do."""
+    write_bytes, calls = Path.write_bytes, []
 
-    def interrupt_the_second_save(checkpoint, path):
-        calls.append(1)
+    def write(path, data):
+        calls.append(path)
         if len(calls) == 2:
             half_written(path)
-            raise KeyboardInterrupt
-        return save(checkpoint, path)
-    monkeypatch.setattr(torch, "save", interrupt_the_second_save)
+            raise error
+        return write_bytes(path, data)
+    monkeypatch.setattr(Path, "write_bytes", write)
+
+
+def test_ctrl_c_while_saving_reports_what_vit_pt_holds(tmp_path, monkeypatch, capsys):
+    write_photos(tmp_path / "photos")
+    fail_the_second_save(monkeypatch, KeyboardInterrupt())
     with pytest.raises(SystemExit) as exit:
         run(tmp_path, "--epochs", "3")
     assert exit.value.code == 130
@@ -524,10 +711,22 @@ def test_ctrl_c_while_saving_reports_what_vit_pt_holds(tmp_path, monkeypatch, ca
     assert len(saved["history"]["test_acc"]) == 1
 
 
+def test_full_disk_says_so_keeps_the_last_checkpoint_and_no_half_file(tmp_path, monkeypatch):
+    write_photos(tmp_path / "photos")
+    fail_the_second_save(monkeypatch, OSError(28, "No space left on device"))
+    with pytest.raises(SystemExit) as exit:
+        run(tmp_path, "--epochs", "3")
+    out = tmp_path / "out"
+    assert exit.value.code == f"error: {out}/vit.pt could not be saved: No space left on device"
+    assert not (out / "vit.pt.tmp").exists()
+    saved = torch.load(out / "vit.pt", weights_only=True)
+    assert len(saved["history"]["train_loss"]) == 1
+
+
 def test_ctrl_c_while_decoding_exits_130_saying_nothing_was_saved(tmp_path, monkeypatch, capsys):
     def interrupt(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(vit, "load_data", interrupt)
+    monkeypatch.setattr(vit, "load_images", interrupt)
     with pytest.raises(SystemExit) as exit:
         run(tmp_path)
     assert exit.value.code == 130
@@ -535,34 +734,36 @@ def test_ctrl_c_while_decoding_exits_130_saying_nothing_was_saved(tmp_path, monk
 
 
 @pytest.mark.parametrize("option", [["--epochs", "5"], ["--lr", "0.001"], ["--dim", "64"],
-                                    ["--seed=1"]])
-def test_resume_refuses_every_option_but_where_things_are(tmp_path, monkeypatch, capsys, option):
-    refuse_to_decode(monkeypatch)
+                                    ["--seed=1"], ["--batch-size", "8"]])
+@pytest.mark.parametrize("mode", [["--resume"], ["--predict", "cat.jpg"]])
+def test_resume_and_predict_refuse_every_option_but_where_things_are(tmp_path, capsys, option,
+                                                                      mode):
     with pytest.raises(SystemExit) as exit:
-        vit.main(["--out-dir", str(tmp_path), "--resume", "--data-dir", "elsewhere", *option])
+        vit.main(["--out-dir", str(tmp_path), "--data-dir", "elsewhere", *mode, *option])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and len(err.strip().splitlines()) == 1
-    assert "--resume keeps the run's options: only --out-dir, --data-dir, --device go" in err
+    assert ("--resume and --predict take the run's options: only --out-dir, --data-dir and "
+            "--device go with them") in err
 
 
-def test_resume_takes_a_new_data_dir_and_device(tmp_path, monkeypatch):
+def test_resume_takes_a_new_data_dir_and_this_machines_device(tmp_path, monkeypatch):
     checkpoint = run(tmp_path, "--epochs", "1")
     checkpoint["options"]["epochs"] = 2  # as if stopped after one of two epochs
     checkpoint["options"]["device"] = "meta"  # made on another machine
     torch.save(checkpoint, tmp_path / "out" / "vit.pt")
     (tmp_path / "photos").rename(tmp_path / "moved")
-    folders, devices, load_data = [], [], vit.load_data
+    folders, open_data = [], vit.open_data
 
-    def spy(dataset, device):
-        folders.append(Path(dataset.root).parent)
-        devices.append(device)
-        return load_data(dataset, device)
-    monkeypatch.setattr(vit, "load_data", spy)
+    def spy(data_dir, seed):
+        folders.append(data_dir)
+        return open_data(data_dir, seed)
+    monkeypatch.setattr(vit, "open_data", spy)
     moved = str(tmp_path / "moved")
     vit.main(["--out-dir", str(tmp_path / "out"), "--resume", "--data-dir", moved])
-    assert folders == [tmp_path / "moved"] * 2 and devices == ["cpu"] * 2  # this machine's device
+    assert folders == [moved]
     saved = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
     assert len(saved["history"]["train_loss"]) == 2 and saved["options"]["epochs"] == 2
+    assert saved["options"]["device"] == "cpu" and saved["options"]["data_dir"] == moved
 
 
 def test_fresh_run_never_replaces_a_saved_one(tmp_path, monkeypatch):
@@ -576,90 +777,118 @@ def test_fresh_run_never_replaces_a_saved_one(tmp_path, monkeypatch):
 
 def test_nan_loss_stops_the_run_naming_the_epoch_and_keeps_the_last_checkpoint(tmp_path,
                                                                                monkeypatch):
-    train_step, calls = vit.train_step, []
+    forward, calls = vit.ViT.forward, []
 
-    def nan_in_epoch_two(*args):
-        calls.append(1)
-        loss = train_step(*args)
-        return loss * float("nan") if len(calls) > STEPS_PER_EPOCH else loss
-    monkeypatch.setattr(vit, "train_step", nan_in_epoch_two)
+    def nan_in_epoch_two(self, images):
+        calls.append(self.training)
+        logits = forward(self, images)
+        return logits * float("nan") if sum(calls) > STEPS_PER_EPOCH else logits
+    monkeypatch.setattr(vit.ViT, "forward", nan_in_epoch_two)
     with pytest.raises(SystemExit, match="^error: the training loss is nan in epoch 2$"):
         run(tmp_path, "--epochs", "3")
     saved = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
     assert len(saved["history"]["train_loss"]) == 1
 
 
-def test_full_disk_exits_1_keeping_the_last_checkpoint(tmp_path, monkeypatch):
-    save, calls = torch.save, []
+def test_cuda_out_of_memory_advises_a_smaller_batch(tmp_path, monkeypatch):
+    interrupt_at_step(monkeypatch, 2, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried..."))
+    with pytest.raises(SystemExit) as exit:
+        run(tmp_path, "--epochs", "1")
+    assert exit.value.code == "error: cpu is out of memory: try a smaller --batch-size"
 
-    def full_after_one(checkpoint, path):
-        calls.append(1)
-        if len(calls) > 1:
-            half_written(path)
-            raise OSError(28, "No space left on device")
-        return save(checkpoint, path)
-    monkeypatch.setattr(torch, "save", full_after_one)
-    with pytest.raises(SystemExit, match="^error: .*No space left on device$"):
-        run(tmp_path, "--epochs", "3")
-    monkeypatch.setattr(torch, "save", save)
-    saved = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
-    assert len(saved["history"]["train_loss"]) == 1
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    def broken(self, x):  # a student's mistake in the attention's shapes
+        return self.proj(x.transpose(1, 2))
+    monkeypatch.setattr(vit.Attention, "forward", broken)
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        run(tmp_path, "--epochs", "1")
 
 
 @pytest.mark.parametrize("content", [None, b"", b"not a checkpoint", b"PK\x03\x04truncated",
                                      "foreign"])
-def test_resume_from_a_missing_or_broken_checkpoint_exits_1_in_one_line(tmp_path, monkeypatch,
-                                                                        content):
+@pytest.mark.parametrize("mode", [["--resume"], ["--predict", "cat.jpg"]])
+def test_a_missing_or_broken_checkpoint_exits_1_in_one_line(tmp_path, monkeypatch, content, mode):
     if content == "foreign":
         torch.save({"model": {}}, tmp_path / "vit.pt")
     elif content is not None:
         (tmp_path / "vit.pt").write_bytes(content)
     refuse_to_decode(monkeypatch)
     with pytest.raises(SystemExit) as exit:
-        vit.main(["--out-dir", str(tmp_path), "--resume"])
-    assert exit.value.code.startswith(f"error: --resume cannot read a checkpoint at {tmp_path}")
+        vit.main(["--out-dir", str(tmp_path), *mode])
+    assert exit.value.code.startswith(f"error: {tmp_path}/vit.pt holds no run of vit.py (")
     assert "\n" not in exit.value.code
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--patch-size", "7"], "^error: patch_size 7 must be a positive divisor of 32$"),
-    (["--heads", "3"], "^error: heads 3 must be a positive divisor of dim 32$"),
-    (["--depth", "0"], "^error: depth must be a positive integer, got 0$"),
-    (["--device", "tpu"], "^error: .*device type at start of device string: tpu$"),
+    (["--patch-size", "7"], "error: --patch-size 7 must divide --image-size 32$"),
+    (["--heads", "3"], "error: --heads 3 must divide --dim 32$"),
     (["--out-dir", "{tmp}/file"], "^error: .*File exists"),
     (["--out-dir", "{tmp}/file/under"], "^error: .*Not a directory"),
+    (["--out-dir", "{tmp}/photos/train/run"],
+     "^error: --out-dir {tmp}/photos/train/run is inside --data-dir {tmp}/photos$"),
+    (["--out-dir", "{tmp}/photos"], "^error: --out-dir {tmp}/photos is inside --data-dir"),
 ])
-def test_what_does_not_fit_exits_1_in_one_line_before_decoding(tmp_path, monkeypatch, args,
-                                                               message):
+def test_what_does_not_fit_exits_in_one_line_before_decoding(tmp_path, monkeypatch, capsys, args,
+                                                             message):
     (tmp_path / "file").write_text("a file, not a folder")
     refuse_to_decode(monkeypatch)
     write_photos(tmp_path / "photos")
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit) as exit:
         vit.main([*TINY, "--out-dir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "photos"),
                   *[arg.format(tmp=tmp_path) for arg in args]])
+    said = exit.value.code if exit.value.code != 2 else capsys.readouterr().err.strip()
+    assert re.search(message.format(tmp=tmp_path), said) and "\n" not in said
+    assert not (tmp_path / "photos" / "train" / "run").exists()
+
+
+def test_a_folder_that_cannot_be_written_is_refused_before_decoding(tmp_path, monkeypatch):
+    access = vit.os.access
+    out = tmp_path / "out"
+
+    def read_only(path, mode):  # as for a user without the right to write there
+        return False if Path(path) == out else access(path, mode)
+    monkeypatch.setattr(vit.os, "access", read_only)
+    refuse_to_decode(monkeypatch)
+    with pytest.raises(SystemExit, match=f"^error: --out-dir {out} is not writable$"):
+        run(tmp_path)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--epochs", "0"], "--epochs, --batch-size and --lr must be positive"),
-    (["--batch-size", "-8"], "--epochs, --batch-size and --lr must be positive"),
-    (["--lr", "0"], "--epochs, --batch-size and --lr must be positive"),
-    (["--epochs", "ten"], "--epochs: invalid int value: 'ten'"),
+    (["--epochs", "0"], "argument --epochs: '0' is not a whole number above 0"),
+    (["--depth", "-1"], "argument --depth: '-1' is not a whole number above 0"),
+    (["--batch-size", "8.5"], "argument --batch-size: '8.5' is not a whole number above 0"),
+    (["--lr", "0"], "--lr must be a positive number, not 0.0"),
+    (["--lr", "nan"], "--lr must be a positive number, not nan"),
+    (["--lr", "ten"], "argument --lr: invalid float value: 'ten'"),
     (["--epoch", "3"], "unrecognized arguments: --epoch 3"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--device", "cuda"], "argument --device: invalid choice: 'cuda'"),
+    (["--image-size", "30", "--patch-size", "8"], "--patch-size 8 must divide --image-size 30"),
 ])
-def test_bad_arguments_are_argparse_errors_in_one_line(args, message, capsys):
+def test_bad_options_are_one_line_errors_that_name_the_option(args, message, capsys):
+    if args[-1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
     with pytest.raises(SystemExit) as exit:
         vit.main(args)
     err = capsys.readouterr().err
-    assert exit.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert exit.value.code == 2 and f"error: {message}" in err and len(err.splitlines()) == 1
 
 
-def test_help_shows_every_default(capsys):
+def test_help_describes_every_option_and_shows_the_recipes_defaults(capsys):
     with pytest.raises(SystemExit):
         vit.main(["--help"])
-    help = " ".join(capsys.readouterr().out.split())
-    for default in ("(default: 220)", "(default: 8)", "(default: 96)", "(default: 0.0003)",
-                    "(default: out)", "(default: False)"):
-        assert default in help
+    help = capsys.readouterr().out
+    entries = re.split(r"\n  (?=--)", help.split("options:")[1])[1:]  # one for each option
+    described = {entry.split()[0]: entry.split("(default")[0] for entry in entries}
+    assert {"--data-dir", "--device", "--resume", "--predict", "--patch-size"} <= described.keys()
+    for option, text in described.items():  # each with words that say what it is for
+        assert len(re.findall(r"\b[a-z]{3,}\b", text)) >= 2, option
+    help = " ".join(help.split())
+    recipe = vit.train.__kwdefaults__
+    for default in (recipe["epochs"], recipe["batch_size"], recipe["lr"], 96, "out"):
+        assert f"(default: {default})" in help
+    assert "train/<class>/ and test/<class>/" in help
 
 
 def test_missing_pet_without_network_says_what_to_do_in_one_line(tmp_path, offline):
@@ -668,13 +897,12 @@ def test_missing_pet_without_network_says_what_to_do_in_one_line(tmp_path, offli
     assert exit.value.code == (
         f"error: Oxford-IIIT Pet could not be downloaded to {tmp_path / 'nothing'}/oxford-iiit-pet "
         "(<urlopen error no network in this test>): go online, put it there by hand, or use "
-        "--data-dir with train/ and test/")
+        "--data-dir with folders of your own images")
     assert not (tmp_path / "out" / "vit.pt").exists()  # the folder stays free for the next try
 
 
 @pytest.mark.parametrize("damage", ["image", "annotation"])
-def test_broken_pet_exits_1_in_one_line(tmp_path, monkeypatch, damage):
-    monkeypatch.setattr(vit, "WORKERS", 1)  # a worker's error carries its traceback
+def test_broken_pet_exits_1_in_one_line(tmp_path, damage):
     write_pet(tmp_path / "data")
     pet = tmp_path / "data" / "oxford-iiit-pet"
     if damage == "image":
@@ -686,7 +914,7 @@ def test_broken_pet_exits_1_in_one_line(tmp_path, monkeypatch, damage):
     assert exit.value.code.startswith("error: ")
     assert "Traceback" not in exit.value.code and "\n" not in exit.value.code
     if damage == "image":
-        assert "Abyssinian_2.jpg" in exit.value.code
+        assert exit.value.code.startswith(f"error: PIL cannot read {pet}/images/Abyssinian_2.jpg")
 
 
 def break_photos(photos, damage):
@@ -695,44 +923,51 @@ def break_photos(photos, damage):
     elif damage == "no train":
         shutil.rmtree(photos / "train")
     elif damage == "other classes":
-        (photos / "test" / "dog").rename(photos / "test" / "fox")
+        (photos / "test" / "dog").rename(photos / "test" / "dogs")
+        (photos / "train" / "fox").mkdir()
+        shutil.copy(photos / "train" / "cat" / "0.png", photos / "train" / "fox")
     elif damage == "empty class":
         (photos / "test" / "fox").mkdir()
         (photos / "train" / "fox").mkdir()
         (photos / "train" / "fox" / ".hidden.png").write_bytes(b"")
+        (photos / "train" / "fox" / "notes.txt").write_text("no foxes yet")
     elif damage == "one class":
         shutil.rmtree(photos / "train" / "dog")
         shutil.rmtree(photos / "test" / "dog")
     elif damage == "no class":
         shutil.rmtree(photos / "train")
-        (photos / "train").mkdir()
-    elif damage == "not an image":
-        (photos / "train" / "cat" / "notes.txt").write_text("cats like boxes")
+        (photos / "train" / ".ipynb_checkpoints").mkdir(parents=True)
     elif damage == "half an image":
         jpeg = photos / "test" / "dog" / "1.jpg"
         jpeg.write_bytes(jpeg.read_bytes()[:len(jpeg.read_bytes()) // 2])
+    elif damage == "no image":
+        (photos / "train" / "cat" / "3.png").write_text("a note saved as .png")
+    elif damage == "too large":
+        Image.new("L", (300, 200)).save(photos / "train" / "dog" / "large.png")
 
 
 @pytest.mark.parametrize("damage, message", [
     ("no test", "[Errno 2] No such file or directory: '{photos}/test'"),
     ("no train", "[Errno 2] No such file or directory: '{photos}/train'"),
-    ("other classes", "{photos}/train and {photos}/test hold different class folders"),
-    ("empty class", "{photos}/train/fox holds no images"),  # a hidden file is no image
-    ("one class", "{photos}/train holds one class folder: a classifier needs two or more"),
-    ("no class", "Couldn't find any class folder in {photos}/train."),
-    ("not an image", "ValueError: {photos}/train/cat/notes.txt is not an image that PIL can read "
-                     "whole"),
-    ("half an image", "ValueError: {photos}/test/dog/1.jpg is not an image that PIL can read "
-                      "whole"),
+    ("other classes", "{photos} holds different class folders: train/dog train/fox against "
+                      "test/dogs"),
+    ("empty class", "{photos}/train/fox holds no images"),  # hidden files and notes are none
+    ("one class", "{photos}/train needs two or more class folders, not 1"),
+    ("no class", "{photos}/train needs two or more class folders, not 0"),
+    ("half an image", "PIL cannot read {photos}/test/dog/1.jpg: "),  # truncated
+    ("no image", "PIL cannot read {photos}/train/cat/3.png: cannot identify image file"),
+    ("too large", "PIL cannot read {photos}/train/dog/large.png: Image size (60000 pixels) "
+                  "exceeds limit of 20000 pixels"),
 ])
 def test_broken_photos_exit_1_in_one_line_naming_the_folder_or_file(tmp_path, monkeypatch, damage,
                                                                     message):
-    monkeypatch.setattr(vit, "WORKERS", 1)  # a worker's error carries its traceback
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10000)  # twice this stops PIL: a bomb
     photos = write_photos(tmp_path / "photos")
     break_photos(photos, damage)
     with pytest.raises(SystemExit) as exit:
         run(tmp_path)
-    assert exit.value.code == "error: " + message.format(photos=photos)
+    assert exit.value.code.startswith("error: " + message.format(photos=photos))
+    assert "\n" not in exit.value.code
     assert not (tmp_path / "out" / "vit.pt").exists()
 
 
@@ -748,12 +983,57 @@ def test_resume_refuses_data_with_other_classes(tmp_path, monkeypatch):
         vit.main(["--out-dir", str(tmp_path / "out"), "--resume"])
 
 
+def test_predict_prints_each_images_likeliest_classes(tmp_path, capsys):
+    checkpoint = run(tmp_path, "--epochs", "2")
+    photos = tmp_path / "photos" / "test"
+    files = [photos / "cat" / "0.png", photos / "dog" / "1.jpg"]
+    model = vit.ViT(**checkpoint["config"])
+    model.load_state_dict(checkpoint["model"])
+    with torch.no_grad():
+        chances = model.eval()(vit.normalise(vit.load_images(files, 32))).softmax(-1)
+    capsys.readouterr()
+    vit.main(["--out-dir", str(tmp_path / "out"), "--predict", *map(str, files)])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    for file, line, chance in zip(files, lines, chances):
+        first, second = chance.argsort(descending=True).tolist()
+        classes = checkpoint["classes"]
+        assert line == (f"{file}: {classes[first]} {100 * chance[first]:.1f} %, "
+                        f"{classes[second]} {100 * chance[second]:.1f} %")
+
+
+def test_predict_turns_a_phone_photo_upright_as_the_test_split_is(tmp_path, capsys):
+    run(tmp_path, "--epochs", "1")
+    picture = Image.open(tmp_path / "photos" / "test" / "dog" / "0.png").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored turned a quarter clockwise: shown turned back
+    picture.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "phone.png", exif=exif)
+    capsys.readouterr()
+    paths = [str(tmp_path / "photos" / "test" / "dog" / "0.png"), str(tmp_path / "phone.png")]
+    vit.main(["--out-dir", str(tmp_path / "out"), "--predict", *paths])
+    upright, turned = capsys.readouterr().out.splitlines()
+    assert upright.split(": ")[1] == turned.split(": ")[1]
+
+
+@pytest.mark.parametrize("image, message", [
+    ("missing.jpg", "PIL cannot read {tmp}/missing.jpg: [Errno 2] No such file or directory"),
+    ("notes.txt", "PIL cannot read {tmp}/notes.txt: cannot identify image file"),
+])
+def test_predict_errors_are_one_line(tmp_path, image, message):
+    run(tmp_path, "--epochs", "1")
+    (tmp_path / "notes.txt").write_text("not a picture")
+    with pytest.raises(SystemExit) as exit:
+        vit.main(["--out-dir", str(tmp_path / "out"), "--predict", str(tmp_path / image)])
+    assert exit.value.code.startswith("error: " + message.format(tmp=tmp_path))
+    assert "\n" not in exit.value.code
+
+
 def test_missing_dataset_from_the_shell_exits_1_without_traceback(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "https_proxy": "http://127.0.0.1:9",
            "http_proxy": "http://127.0.0.1:9"}
-    done = subprocess.run([sys.executable, str(Path(vit.__file__)), "--data-dir", str(tmp_path),
-                           "--out-dir", str(tmp_path / "out")], capture_output=True, text=True,
-                          env=env, timeout=120)
+    done = subprocess.run([sys.executable, str(Path(vit.__file__)), "--data-dir",
+                           str(tmp_path / "data"), "--out-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 1 and done.stderr.startswith("error: Oxford-IIIT Pet could not be")
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
@@ -767,7 +1047,6 @@ def test_cuda_run_interrupted_and_resumed_is_the_uninterrupted_one(tmp_path, mon
     with pytest.raises(SystemExit):
         run(tmp_path / "cut", "--epochs", "2", "--device", "cuda")
     monkeypatch.undo()
-    monkeypatch.setattr(vit, "WORKERS", 0)
     vit.main(["--out-dir", str(tmp_path / "cut" / "out"), "--resume"])
     resumed = torch.load(tmp_path / "cut" / "out" / "vit.pt", weights_only=True)["history"]
     for key in whole:  # bf16 kernels may differ in the last bits from run to run
