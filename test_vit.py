@@ -103,7 +103,7 @@ def test_attention_gives_the_same_tokens_with_and_without_kept_weights():
     attention = vit.Attention(dim=48, heads=4).eval()
     x = torch.randn(3, 17, 48)
     fused = attention(x)
-    assert fused.shape == (3, 17, 48) and not hasattr(attention, "weights")
+    assert fused.shape == (3, 17, 48) and attention.weights is None
     attention.keep_weights = True
     explicit = attention(x)
     torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
@@ -226,9 +226,10 @@ def test_each_class_checks_its_own_sizes():
     (torch.zeros(2, 1, 32, 32), "torch.float32 of shape (2, 1, 32, 32)"),
     (torch.zeros(3, 32, 32), "torch.float32 of shape (3, 32, 32)"),  # one image, not a batch
     (torch.zeros(1, 2, 3, 32, 32), "torch.float32 of shape (1, 2, 3, 32, 32)"),
+    (torch.zeros(2, 3, 32, 32, dtype=torch.float64), "torch.float64 of shape (2, 3, 32, 32)"),
 ])
 def test_the_model_refuses_images_it_cannot_read(images, got):
-    expected = f"ViT takes floating-point images of shape (b, 3, 32, 32), not {got}"
+    expected = f"ViT takes torch.float32 images of shape (b, 3, 32, 32), not {got}"
     with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
         tiny_vit()(images)
 
@@ -291,7 +292,7 @@ def test_own_photos_skip_hidden_folders_and_count_files_that_are_not_images(tmp_
     assert {file.parent.name for file in train_files} == {"cat", "dog"}
     assert len(test_files) == 8 and test_labels.tolist() == [0] * 4 + [1] * 4
     assert capsys.readouterr().out == (f"skipped 2 files in {photos / 'train'} that are not "
-                                       "images, as Thumbs.db\n")
+                                       "images, such as Thumbs.db\n")
 
 
 def write_flat_photos(root, counts=(("cat", 10), ("dog", 6), ("fox", 2))):
@@ -317,6 +318,19 @@ def test_a_folder_of_class_folders_holds_out_a_seeded_fifth_of_each_class(tmp_pa
     assert vit.open_data(photos, seed=1)[1][0] != test
 
 
+def test_a_class_folder_of_one_image_or_loose_images_are_refused(tmp_path, offline):
+    photos = write_flat_photos(tmp_path / "photos", counts=(("cat", 3), ("dog", 1)))
+    with pytest.raises(vit.UserError, match=f"^{photos}/dog holds one image: it cannot be both "
+                                            "trained on and tested$"):
+        vit.open_data(photos)
+    loose = tmp_path / "loose"  # photos without class folders: not a place to download Pet to
+    loose.mkdir()
+    Image.new("RGB", (20, 20)).save(loose / "cat.jpg")
+    with pytest.raises(vit.UserError, match=f"^{loose} needs two or more class folders, not 0$"):
+        vit.open_data(loose)
+    assert sorted(loose.iterdir()) == [loose / "cat.jpg"]
+
+
 def test_images_are_read_as_a_person_sees_them(tmp_path):
     wide = np.zeros((20, 40, 3), dtype=np.uint8)
     wide[:, :20] = (255, 0, 0)  # red on the left, blue on the right
@@ -334,6 +348,11 @@ def test_images_are_read_as_a_person_sees_them(tmp_path):
     palette = Image.fromarray(wide).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
     palette.save(tmp_path / "palette.png")
     assert (np.asarray(vit.read_image(tmp_path / "palette.png")) == wide).all()
+    see_through = np.dstack([wide, np.zeros((20, 40), dtype=np.uint8)])  # transparent
+    see_through[:, 30:, 3] = 255  # but for its right quarter
+    Image.fromarray(see_through).save(tmp_path / "cutout.png")
+    cutout = np.asarray(vit.read_image(tmp_path / "cutout.png"))
+    assert (cutout[:, :30] == 255).all() and (cutout[:, 30:] == wide[:, 30:]).all()  # on white
 
 
 def test_normalise_uses_imagenets_mean_and_std():
@@ -559,8 +578,8 @@ def refuse_to_decode(monkeypatch):
 
 def test_cli_writes_plots_and_a_checkpoint_that_scores_what_it_recorded(tmp_path, capsys):
     checkpoint = run(tmp_path, "--epochs", "2")
-    assert checkpoint.keys() == {"model", "config", "options", "classes", "history", "optimizer",
-                                 "rng"}
+    assert checkpoint.keys() == {"model", "config", "options", "classes", "tested", "history",
+                                 "optimizer", "rng"}
     assert checkpoint["classes"] == ["cat", "dog"] and checkpoint["config"]["num_classes"] == 2
     for name in ("patches.png", "loss.png", "attention.png"):
         assert Image.open(tmp_path / "out" / name).size[0] > 300
@@ -667,16 +686,20 @@ def test_a_folder_of_class_folders_trains_and_resumes_on_the_same_split(tmp_path
     assert len(tested) == 2
     saved = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
     assert saved["classes"] == ["cat", "dog", "fox"] and saved["options"]["seed"] == 5
-    # the held-out split, read back from the seed that vit.pt keeps, is the one that was scored
-    train, (files, labels), classes = vit.open_data(saved["options"]["data_dir"],
-                                                    saved["options"]["seed"])
-    assert files == tested[1] and len(files) == 4
+    # the held-out split, read back from vit.pt, is the one that was scored
+    assert [photos / name for name in saved["tested"]] == tested[1] and len(tested[1]) == 4
+    train, (files, labels), classes = vit.open_data(photos, seed=5)
+    assert files == tested[1]
     model = vit.ViT(**saved["config"])
     model.load_state_dict(saved["model"])
     accuracy = vit.evaluate(model, load_images(files, 32), labels)[1]
     assert accuracy == saved["history"]["test_acc"][-1]
     saved["options"]["epochs"] = 3  # as if stopped after two of three epochs
     torch.save(saved, tmp_path / "out" / "vit.pt")
+    shutil.copy(photos / "cat" / "0.png", photos / "cat" / "new.png")  # the split would move
+    with pytest.raises(SystemExit, match="holds other classes or test images than the run in"):
+        vit.main(["--out-dir", str(tmp_path / "out"), "--resume"])
+    (photos / "cat" / "new.png").unlink()
     vit.main(["--out-dir", str(tmp_path / "out"), "--resume"])
     assert tested[2:] == tested[:2]  # the same training and test images
     assert len(torch.load(tmp_path / "out" / "vit.pt")["history"]["test_acc"]) == 3
@@ -797,11 +820,14 @@ def test_cuda_out_of_memory_advises_a_smaller_batch(tmp_path, monkeypatch):
     assert exit.value.code == "error: cpu is out of memory: try a smaller --batch-size"
 
 
-def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
-    def broken(self, x):  # a student's mistake in the attention's shapes
-        return self.proj(x.transpose(1, 2))
-    monkeypatch.setattr(vit.Attention, "forward", broken)
-    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+@pytest.mark.parametrize("mistake, error, message", [
+    (lambda self, x: self.proj(x.transpose(1, 2)), RuntimeError, "mat1 and mat2 shapes cannot be"),
+    (lambda self, x: dict(zip("qk", self.qkv(x).chunk(3, -1), strict=True)), ValueError,
+     "zip\\(\\) argument 2 is longer than argument 1"),  # q, k, v unpacked as two
+])
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, mistake, error, message):
+    monkeypatch.setattr(vit.Attention, "forward", mistake)  # a student's mistake in the shapes
+    with pytest.raises(error, match=message):
         run(tmp_path, "--epochs", "1")
 
 
@@ -895,9 +921,9 @@ def test_missing_pet_without_network_says_what_to_do_in_one_line(tmp_path, offli
     with pytest.raises(SystemExit) as exit:
         vit.main(["--data-dir", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "out")])
     assert exit.value.code == (
-        f"error: Oxford-IIIT Pet could not be downloaded to {tmp_path / 'nothing'}/oxford-iiit-pet "
-        "(<urlopen error no network in this test>): go online, put it there by hand, or use "
-        "--data-dir with folders of your own images")
+        f"error: Oxford-IIIT Pet could not be read from or downloaded to {tmp_path / 'nothing'}/"
+        "oxford-iiit-pet (<urlopen error no network in this test>): go online, put it there by "
+        "hand, or use --data-dir with folders of your own images")
     assert not (tmp_path / "out" / "vit.pt").exists()  # the folder stays free for the next try
 
 
@@ -914,7 +940,8 @@ def test_broken_pet_exits_1_in_one_line(tmp_path, damage):
     assert exit.value.code.startswith("error: ")
     assert "Traceback" not in exit.value.code and "\n" not in exit.value.code
     if damage == "image":
-        assert exit.value.code.startswith(f"error: PIL cannot read {pet}/images/Abyssinian_2.jpg")
+        assert exit.value.code.startswith(f"error: cannot read {pet}/images/Abyssinian_2.jpg as an "
+                                          "image: ")
 
 
 def break_photos(photos, damage):
@@ -954,10 +981,10 @@ def break_photos(photos, damage):
     ("empty class", "{photos}/train/fox holds no images"),  # hidden files and notes are none
     ("one class", "{photos}/train needs two or more class folders, not 1"),
     ("no class", "{photos}/train needs two or more class folders, not 0"),
-    ("half an image", "PIL cannot read {photos}/test/dog/1.jpg: "),  # truncated
-    ("no image", "PIL cannot read {photos}/train/cat/3.png: cannot identify image file"),
-    ("too large", "PIL cannot read {photos}/train/dog/large.png: Image size (60000 pixels) "
-                  "exceeds limit of 20000 pixels"),
+    ("half an image", "cannot read {photos}/test/dog/1.jpg as an image: "),  # truncated
+    ("no image", "cannot read {photos}/train/cat/3.png as an image: cannot identify image file"),
+    ("too large", "cannot read {photos}/train/dog/large.png as an image: Image size (60000 "
+                  "pixels) exceeds limit of 20000 pixels"),
 ])
 def test_broken_photos_exit_1_in_one_line_naming_the_folder_or_file(tmp_path, monkeypatch, damage,
                                                                     message):
@@ -978,8 +1005,9 @@ def test_resume_refuses_data_with_other_classes(tmp_path, monkeypatch):
     for split in ("train", "test"):
         (tmp_path / "photos" / split / "dog").rename(tmp_path / "photos" / split / "fox")
     refuse_to_decode(monkeypatch)
-    with pytest.raises(SystemExit, match=f"^error: {tmp_path}/photos holds other classes than the "
-                                         f"run in {tmp_path}/out/vit.pt$"):
+    with pytest.raises(SystemExit, match=f"^error: {tmp_path}/photos holds other classes or test "
+                                         f"images than the run in {tmp_path}/out/vit.pt: --resume "
+                                         "needs the data it began with$"):
         vit.main(["--out-dir", str(tmp_path / "out"), "--resume"])
 
 
@@ -1015,9 +1043,18 @@ def test_predict_turns_a_phone_photo_upright_as_the_test_split_is(tmp_path, caps
     assert upright.split(": ")[1] == turned.split(": ")[1]
 
 
+def test_predict_refuses_a_checkpoint_that_train_alone_saved(tmp_path):
+    torch.manual_seed(0)
+    vit.train(tiny_vit(), fake_data(), fake_data(), epochs=1, path=tmp_path / "vit.pt")
+    with pytest.raises(SystemExit) as exit:
+        vit.main(["--out-dir", str(tmp_path), "--predict", "cat.jpg"])
+    assert exit.value.code == f"error: {tmp_path}/vit.pt holds no run of vit.py (KeyError)"
+
+
 @pytest.mark.parametrize("image, message", [
-    ("missing.jpg", "PIL cannot read {tmp}/missing.jpg: [Errno 2] No such file or directory"),
-    ("notes.txt", "PIL cannot read {tmp}/notes.txt: cannot identify image file"),
+    ("missing.jpg", "cannot read {tmp}/missing.jpg as an image: [Errno 2] No such file or "
+                    "directory"),
+    ("notes.txt", "cannot read {tmp}/notes.txt as an image: cannot identify image file"),
 ])
 def test_predict_errors_are_one_line(tmp_path, image, message):
     run(tmp_path, "--epochs", "1")

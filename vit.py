@@ -1,4 +1,4 @@
-"""A Vision Transformer (Dosovitskiy et al., 2020) trained from scratch on Oxford-IIIT Pet."""
+"""A Vision Transformer (Dosovitskiy et al., 2020) trained from scratch on Pet or your images."""
 import argparse
 import io
 import math
@@ -42,6 +42,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)  # q, k and v of every head in one matrix multiply
         self.proj = nn.Linear(dim, dim)
         self.keep_weights = False  # True: the math written out, the weights kept in .weights
+        self.weights = None  # (b, heads, n, n) of the last pass with keep_weights
     def forward(self, x):  # (b, n, dim)
         q, k, v = rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads)
         if self.keep_weights:  # how much each token takes from each other, kept to be looked at
@@ -107,9 +108,9 @@ class ViT(nn.Module):
                 block.attn.proj.weight += vo
     def forward(self, images):  # (b, c, h, w) floats
         c, s = self.config["channels"], self.config["image_size"]
-        if not images.is_floating_point() or images.shape[1:] != (c, s, s):
-            raise ValueError(f"ViT takes floating-point images of shape (b, {c}, {s}, {s}), not "
-                             f"{images.dtype} of shape {tuple(images.shape)}")
+        if images.dtype != self.pos_embedding.dtype or images.shape[1:] != (c, s, s):
+            raise ValueError(f"ViT takes {self.pos_embedding.dtype} images of shape (b, {c}, {s}, "
+                             f"{s}), not {images.dtype} of shape {tuple(images.shape)}")
         x = self.patch_embed(images)  # (b, n, dim)
         cls = self.cls_token.expand(len(x), -1, -1)  # (b, 1, dim)
         x = torch.cat([cls, x], dim=1) + self.pos_embedding  # (b, n + 1, dim)
@@ -117,14 +118,20 @@ class ViT(nn.Module):
         return self.head(self.norm(x[:, 0]))  # (b, num_classes), from the class token
 
 # ------------------------------------------------------------------------------------- data
+class UserError(ValueError):
+    """A file, folder or option that cannot be used, said in one line; a bug keeps its traceback."""
+
 def read_image(path):  # as a person sees it, in RGB; or an error that names the file
     try:
         image = ImageOps.exif_transpose(Image.open(path))  # phones store photos turned
         if image.mode.startswith("I"):  # 16 bits a pixel: keep the top 8
             image = image.point(lambda value: value / 256).convert("L")
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # onto white
+            image = Image.alpha_composite(Image.new("RGBA", image.size, "white"),
+                                          image.convert("RGBA"))
         return image.convert("RGB")
     except (OSError, Image.DecompressionBombError) as error:  # not an image, half one, too large
-        raise ValueError(f"PIL cannot read {path}: {error}") from None
+        raise UserError(f"cannot read {path} as an image: {error}") from None
 
 def load_images(paths, image_size):  # uint8 (n, 3, s, s): resized, centre-cropped, in memory
     resize = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
@@ -133,16 +140,16 @@ def load_images(paths, image_size):  # uint8 (n, 3, s, s): resized, centre-cropp
 def find_images(folder):  # {class: its image files} of folder/<class>/; hidden files skipped
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name[0] != ".")
     if len(classes) < 2:
-        raise ValueError(f"{folder} needs two or more class folders, not {len(classes)}")
+        raise UserError(f"{folder} needs two or more class folders, not {len(classes)}")
     found, others = {}, []
     for name in classes:
         files = sorted(f for f in (folder / name).iterdir() if f.is_file() and f.name[0] != ".")
         found[name] = [f for f in files if f.suffix.lower() in IMG_EXTENSIONS]
         others += [f.name for f in files if f.suffix.lower() not in IMG_EXTENSIONS]
         if not found[name]:
-            raise ValueError(f"{folder / name} holds no images")
+            raise UserError(f"{folder / name} holds no images")
     if others:
-        print(f"skipped {len(others)} files in {folder} that are not images, as {others[0]}")
+        print(f"skipped {len(others)} files in {folder} that are not images, such as {others[0]}")
     return found
 
 def numbered(split):  # {class: files} -> (files, labels), the classes numbered in order
@@ -158,13 +165,16 @@ def open_data(data_dir, seed=0):
         if train.keys() != test.keys():
             only_train = " ".join(f"train/{name}" for name in sorted(train.keys() - test.keys()))
             only_test = " ".join(f"test/{name}" for name in sorted(test.keys() - train.keys()))
-            raise ValueError(f"{data_dir} holds different class folders: "
+            raise UserError(f"{data_dir} holds different class folders: "
                              f"{only_train or 'none'} against {only_test or 'none'}")
         return numbered(train), numbered(test), list(train)
-    if [d for d in data_dir.glob("[!.]*") if d.is_dir() and d.name != "oxford-iiit-pet"]:
+    if [entry for entry in data_dir.glob("[!.]*") if entry.name != "oxford-iiit-pet"]:
         generator = torch.Generator().manual_seed(seed)
         train, test = {}, {}
         for name, files in find_images(data_dir).items():  # a fifth of each class held out
+            if len(files) < 2:
+                raise UserError(f"{data_dir / name} holds one image: it cannot be both trained on "
+                                "and tested")
             shuffled = [files[i] for i in torch.randperm(len(files), generator=generator)]
             held_out = max(1, round(len(files) / 5))
             train[name], test[name] = shuffled[held_out:], shuffled[:held_out]
@@ -173,10 +183,10 @@ def open_data(data_dir, seed=0):
         return numbered(train), numbered(test), list(train)
     try:
         pet = [OxfordIIITPet(data_dir, split, download=True) for split in ("trainval", "test")]
-    except OSError as error:  # no network, most often
-        raise OSError(f"Oxford-IIIT Pet could not be downloaded to {data_dir}/oxford-iiit-pet "
-                      f"({error}): go online, put it there by hand, or use --data-dir with "
-                      "folders of your own images") from None
+    except (OSError, ValueError) as error:  # no network, most often, or a broken copy
+        raise UserError(f"Oxford-IIIT Pet could not be read from or downloaded to {data_dir}/"
+                        f"oxford-iiit-pet ({error}): go online, put it there by hand, or use "
+                        "--data-dir with folders of your own images") from None
     # Pet's labels are its breed ids (0-36), also in a copy that holds only some breeds
     names = dict(zip(sorted(set(pet[0]._labels)), pet[0].classes))
     classes = [names.get(breed, f"class {breed}") for breed in range(37)]
@@ -301,7 +311,7 @@ def plot_history(history, path):
 
 @torch.no_grad()
 def plot_attention(model, images, labels, classes, path):  # uint8 (k, 3, s, s), (k,)
-    attention = model.blocks[-1].attn  # the last block's, where the class token reads
+    attention = model.blocks[-1].attn  # what the class token gathers last, for the head
     attention.keep_weights = True
     guesses = model.eval()(normalise(images)).argmax(dim=-1)
     attention.keep_weights = False
@@ -369,8 +379,10 @@ def load_run(path):  # vit.pt as train() saved it, and its model; or an error in
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         model = ViT(**checkpoint["config"])
         model.load_state_dict(checkpoint["model"])
-    except Exception as error:
-        raise ValueError(f"{path} holds no run of vit.py ({type(error).__name__})") from None
+        if not {"options", "classes"} <= checkpoint.keys():  # as train() alone saves it
+            raise KeyError("the options and classes that vit.py's command line saves with a run")
+    except Exception as error:  # missing, half written, or saved by something else
+        raise UserError(f"{path} holds no run of vit.py ({type(error).__name__})") from None
     return checkpoint, model
 
 def predict(model, paths, classes, device):  # each image's three likeliest classes, a line each
@@ -386,20 +398,23 @@ def run(args, path, checkpoint=None):  # train and draw, from scratch or from th
         raise FileExistsError(f"{path} holds a run: go on with --resume, or use another --out-dir")
     out_dir, data_dir = Path(args.out_dir).resolve(), Path(args.data_dir).resolve()
     if out_dir.is_relative_to(data_dir):
-        raise ValueError(f"--out-dir {args.out_dir} is inside --data-dir {args.data_dir}")
+        raise UserError(f"--out-dir {args.out_dir} is inside --data-dir {args.data_dir}")
+    train_set, test_set, classes = open_data(args.data_dir, args.seed)
+    tested = [str(Path(file).relative_to(args.data_dir)) for file in test_set[0]]
+    began_with = checkpoint or dict(classes=classes, tested=tested)
+    if [began_with["classes"], began_with.get("tested", tested)] != [classes, tested]:
+        raise UserError(f"{args.data_dir} holds other classes or test images than the run in "
+                        f"{path}: --resume needs the data it began with")
     out_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise PermissionError(f"--out-dir {args.out_dir} is not writable")
-    train_set, test_set, classes = open_data(args.data_dir, args.seed)
-    if checkpoint and checkpoint["classes"] != classes:
-        raise ValueError(f"{args.data_dir} holds other classes than the run in {path}")
     torch.manual_seed(args.seed)
     model = ViT(args.image_size, args.patch_size, len(classes), args.dim, args.depth,
                 args.heads, args.mlp_dim).to(args.device)
     print(f"decoding {len(train_set[0])} training and {len(test_set[0])} test images")
     train_data, test_data = [(load_images(files, args.image_size).to(args.device),
                               labels.to(args.device)) for files, labels in (train_set, test_set)]
-    keep = dict(options=vars(args), classes=classes)
+    keep = dict(options=vars(args), classes=classes, tested=tested)
     history = train(model, train_data, test_data, epochs=args.epochs, batch_size=args.batch_size,
                     lr=args.lr, path=path, keep=keep, resume=checkpoint)
     images, labels = test_data
@@ -426,11 +441,12 @@ def main(argv=None):
         print(f"{path} holds a finished run: {args.epochs} epochs, test accuracy {tested[-1]:.1%}")
     except KeyboardInterrupt:  # vit.pt, if there, holds the last epoch saved whole
         kept = f"{path} keeps the last whole epoch, --resume goes on"
-        print(f"\ninterrupted: {kept if path.exists() else 'nothing saved'}", file=sys.stderr)
+        saved = path.exists() and not args.predict
+        print(f"\ninterrupted: {kept if saved else 'nothing saved'}", file=sys.stderr)
         sys.exit(130)
     except torch.cuda.OutOfMemoryError:
         sys.exit(f"error: {args.device} is out of memory: try a smaller --batch-size")
-    except (OSError, ValueError, FloatingPointError) as error:  # files, folders, network, NaN
+    except (OSError, UserError, FloatingPointError) as error:  # files, folders, network, NaN
         sys.exit(f"error: {error}")
 
 if __name__ == "__main__":
