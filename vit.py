@@ -198,7 +198,7 @@ def normalise(images):  # uint8 (b, 3, s, s) -> float, with ImageNet's mean and 
 
 # --------------------------------------------------------------------------------- training
 @torch.no_grad()
-def evaluate(model, images, labels, batch_size=256):  # uint8 images -> mean loss, accuracy
+def evaluate(model, images, labels, batch_size=64):  # uint8 images -> mean loss, accuracy
     model.eval()
     logits = torch.cat([model(normalise(x)) for x in images.split(batch_size)])  # (n, classes)
     return F.cross_entropy(logits, labels).item(), logits.argmax(1).eq(labels).float().mean().item()
@@ -219,7 +219,7 @@ def save(checkpoint, path):  # whole or not at all: to a temporary file, then re
         raise OSError(f"{path} could not be saved: {error.strerror or error}") from None
 
 def train(model, train_data, test_data, *, epochs=220, batch_size=8,
-          lr=3e-4, warmup=5, weight_decay=0.05,  # AdamW: the peak lr after warmup epochs
+          lr=3e-4, warmup=5, weight_decay=0.1,  # AdamW: the peak lr after warmup epochs
           label_smoothing=0.1, clip_norm=1.0,  # targets smoothed; gradients cut to this norm
           min_scale=0.5, flip=True,  # crops of min_scale..1 of the area, half of them mirrored
           trivial_augment=True,  # and on each image one of TrivialAugment's ops, e.g. contrast
