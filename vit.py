@@ -166,7 +166,7 @@ def open_data(data_dir, seed=0):
             only_train = " ".join(f"train/{name}" for name in sorted(train.keys() - test.keys()))
             only_test = " ".join(f"test/{name}" for name in sorted(test.keys() - train.keys()))
             raise UserError(f"{data_dir} holds different class folders: "
-                             f"{only_train or 'none'} against {only_test or 'none'}")
+                            f"{only_train or 'none'} against {only_test or 'none'}")
         return numbered(train), numbered(test), list(train)
     if [entry for entry in data_dir.glob("[!.]*") if entry.name != "oxford-iiit-pet"]:
         generator = torch.Generator().manual_seed(seed)
