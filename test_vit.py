@@ -244,8 +244,9 @@ def test_each_class_checks_its_own_sizes():
 
 
 def test_the_model_constructor_checks_survive_python_dash_o():
-    done = subprocess.run([sys.executable, "-O", "-c", "import vit; vit.Attention(30, 4)"],
-                          cwd=HERE, capture_output=True, text=True, timeout=120)
+    code = "import vit\nvit.Attention(30, 4)"
+    done = subprocess.run([sys.executable, "-O", "-c", code], cwd=HERE, capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 1 and "ValueError: heads 4 must be a positive divisor" in done.stderr
 
 
@@ -1035,6 +1036,75 @@ def test_resnet18_reference_runs_an_epoch(tmp_path, monkeypatch, capsys):
     runpy.run_path(str(HERE / "docs" / "resnet18.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert re.search(r"ResNet-18, 1 epochs: test accuracy \d+\.\d% in \d+ s\n$", out)
+
+
+def learned():
+    """docs/learned.py as a module."""
+    return runpy.run_path(str(HERE / "docs" / "learned.py"))
+
+
+def test_attention_that_stays_home_has_distance_zero():
+    code = learned()
+    side, n = 3, 9
+    weights = torch.zeros(2, 4, n + 1, n + 1)
+    weights[:, :, :, 0] = 0.5  # half of every query's weight on the class token
+    weights[:, :, 1:, 1:] += 0.5 * torch.eye(n)  # the rest on the patch itself
+    weights[:, :, 0, 1:] = 0.5 / n
+    distances = code["patch_distances"](side, patch_size=16)
+    torch.testing.assert_close(code["mean_attention_distance"](weights, distances),
+                               torch.zeros(2, 4))
+
+
+def test_uniform_attention_has_the_grids_mean_pairwise_distance():
+    code = learned()
+    side, patch_size = 4, 12
+    centres = [(row * patch_size, column * patch_size) for row in range(side)
+               for column in range(side)]
+    pairs = [((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2) ** 0.5 for a in centres for b in centres]
+    expected = sum(pairs) / len(pairs)  # 16 x 16 ordered pairs, each patch with itself too
+    weights = torch.rand(3, 2, 17, 17)
+    weights[:, :, :, 1:] = 1.0  # the same weight on every patch, whatever the class token gets
+    distances = code["patch_distances"](side, patch_size)
+    got = code["mean_attention_distance"](weights, distances)
+    torch.testing.assert_close(got, torch.full((3, 2), expected))
+
+
+def test_orthogonal_positions_are_similar_only_to_themselves():
+    code = learned()
+    positions = torch.linalg.qr(torch.randn(32, 16))[0].T * torch.arange(1, 17).view(16, 1)
+    similarity = code["position_similarity"](positions)  # rows of lengths 1 to 16
+    torch.testing.assert_close(similarity, torch.eye(16), atol=1e-5, rtol=0)
+
+
+def test_principal_components_of_the_patch_embedding_are_recovered_up_to_sign():
+    code = learned()
+    torch.manual_seed(0)
+    components = torch.linalg.qr(torch.randn(48, 3))[0].T  # 3 orthonormal rows of 48 features
+    # how much of each component each of 200 filters holds: uncorrelated, of falling strength
+    spread = torch.randn(200, 3)
+    strengths = torch.linalg.qr(spread - spread.mean(dim=0))[0] * torch.tensor([5.0, 2.0, 0.5])
+    weight = strengths @ components + 3.0  # (200, 48), the same offset in every filter
+    found = code["principal_components"](weight, count=3)
+    torch.testing.assert_close((found * components).sum(dim=1).abs(), torch.ones(3), atol=1e-4,
+                               rtol=0)
+
+
+def test_learned_draws_figure_seven_for_a_run(tmp_path, monkeypatch, capsys, tiny):
+    run(tmp_path, "--epochs", "1")
+    code = learned()
+    code["main"](["--out-dir", str(tmp_path / "out")])
+    assert Image.open(tmp_path / "out" / "learned.png").size[0] > 1000
+    assert capsys.readouterr().out.endswith(f"wrote {tmp_path / 'out' / 'learned.png'}\n")
+    torch.manual_seed(0)  # the run's seed: the model as it started
+    checkpoint = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
+    started = vit.ViT(**checkpoint["config"])
+    trained = vit.ViT(**checkpoint["config"])
+    trained.load_state_dict(checkpoint["model"])
+    for name, param in started.named_parameters():  # one epoch moved every weight a little
+        assert 0 < (param - trained.get_parameter(name)).abs().max() < 0.1, name
+    images = vit.load_images(vit.open_data(tmp_path / "photos")[1][0], 32)
+    distances = code["attention_distances"](trained, images)
+    assert distances.shape == (2, 2) and ((0 < distances) & (distances < 32 * 2**0.5)).all()
 
 
 # ------------------------------------------------------------------------------------------ GPU

@@ -291,10 +291,10 @@ def save(checkpoint, path):  # whole or not at all: to a temporary file, then re
     os.replace(f"{path}.tmp", path)
 
 def run(args, path, checkpoint=None):  # train and draw, from scratch or from the checkpoint
-    if args.data_dir == os.path.abspath("data"):  # the default folder, where Pet goes
-        os.makedirs(args.data_dir, exist_ok=True)
     if path.exists() and not checkpoint:
         raise UserError(f"{path} holds a run: go on with --resume, or use another --out-dir")
+    if args.data_dir == os.path.abspath("data"):  # the default folder, where Pet goes
+        os.makedirs(args.data_dir, exist_ok=True)
     train_set, test_set, classes = open_data(args.data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(exist_ok=bool(checkpoint))  # claimed at once: a second run started here stops
