@@ -244,10 +244,13 @@ def test_each_class_checks_its_own_sizes():
 
 
 def test_the_model_constructor_checks_survive_python_dash_o():
-    code = "import vit\nvit.Attention(30, 4)"
-    done = subprocess.run([sys.executable, "-O", "-c", code], cwd=HERE, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 1 and "ValueError: heads 4 must be a positive divisor" in done.stderr
+    source = (HERE / "vit.py").read_text()
+    stripped = {}  # vit.py as python -O runs it: without its asserts, were there any
+    exec(compile(source, "vit.py", "exec", optimize=1), stripped)
+    with pytest.raises(ValueError, match="heads 4 must be a positive divisor of dim 30"):
+        stripped["Attention"](30, 4)
+    with pytest.raises(ValueError, match="depth must be a positive integer, got 0"):
+        stripped["ViT"](32, 8, 5, 32, 0, 2, 64)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -907,7 +910,8 @@ def test_a_data_dir_that_is_no_folder_is_named_and_left_uncreated(tmp_path, monk
     with pytest.raises(SystemExit) as exit:
         vit.main([f"--data-dir={data_dir}"])  # the shell does not expand ~ after =
     assert exit.value.code == f"error: {tmp_path / data_dir} is not a folder"
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["photos"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "photos"]
+    assert not list((tmp_path / "out").iterdir())  # the claim on out/vit.pt is withdrawn
 
 
 @pytest.mark.parametrize("layout", [["train/cat"], ["Train/cat", "Test/cat"], ["test/cat"],
@@ -919,7 +923,8 @@ def test_other_layouts_get_one_line_that_says_how_to_lay_images_out(tmp_path, of
     with pytest.raises(SystemExit) as exit:
         vit.main(["--data-dir", str(tmp_path / "photos"), "--out-dir", str(tmp_path / "out")])
     assert exit.value.code == (f"error: {tmp_path}/photos holds no train/ and test/ (or val/): "
-                               "put each class's images in train/<class>/ and test/<class>/")
+                               "put each class's images in train/<class>/ and test/<class>/, or "
+                               "empty it for Pet")
     assert not (tmp_path / "photos" / "oxford-iiit-pet").exists()  # not a place for Pet
 
 
@@ -964,7 +969,7 @@ def break_photos(photos, damage):
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("other classes", "{photos}'s train/ and test/ hold different class folders"),
+    ("other classes", "{photos}: only one of train/ and test/ holds ['dog', 'dogs']"),
     ("empty class", "{photos}/train/fox holds no images"),  # hidden files and notes are none
     ("one class", "{photos}/train needs two or more class folders"),
     ("no class", "{photos}/train needs two or more class folders"),
@@ -983,6 +988,17 @@ def test_broken_photos_exit_1_in_one_line_naming_the_folder_or_file(tmp_path, mo
     assert exit.value.code.startswith("error: " + message.format(photos=photos))
     assert "\n" not in exit.value.code
     assert not (tmp_path / "out" / "vit.pt").exists()
+
+
+def test_a_vit_pt_claimed_but_never_saved_is_explained_by_resume(tmp_path, monkeypatch):
+    (tmp_path / "vit.pt").touch()  # as a run killed before its first epoch leaves it
+    refuse_to_decode(monkeypatch)
+    with pytest.raises(SystemExit, match="holds a run: go on with --resume"):
+        vit.main(["--out-dir", str(tmp_path), "--data-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit:
+        vit.main(["--out-dir", str(tmp_path), "--resume"])
+    assert exit.value.code == (f"error: {tmp_path}/vit.pt holds no epoch yet: delete it if no run "
+                               "is starting there")
 
 
 def test_a_missing_checkpoint_for_resume_is_one_line(tmp_path):

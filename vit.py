@@ -45,9 +45,8 @@ class Attention(nn.Module):
     def forward(self, x):  # (b, n, dim)
         q, k, v = rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads)
         if self.keep_weights:  # how much each token takes from each other, kept to be looked at
-            # weights (b, h, n, n): each row sums to 1 over the n tokens taken from
             self.weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)
-            out = self.weights @ v  # (b, h, n, d)
+            out = self.weights @ v  # (b, h, n, d), from weights (b, h, n, n)
         else:  # the same numbers from one fused kernel, which stores no weights
             out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (b, n, dim)
@@ -147,17 +146,18 @@ def open_data(data_dir):
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{data_dir} is not a folder")
-    names = {entry.name for entry in data_dir.iterdir() if entry.name[0] != "."}
-    if names <= {"oxford-iiit-pet"}:
+    names = {entry.name for entry in data_dir.iterdir() if not entry.name.startswith(".")}
+    if names <= {"oxford-iiit-pet"}:  # Pet, or nothing yet: Pet goes here
         return open_pet(data_dir)
     test_name = "test" if "test" in names else "val"
     if not {"train", test_name} <= names:
         raise UserError(f"{data_dir} holds no train/ and test/ (or val/): put each class's "
-                        "images in train/<class>/ and test/<class>/")
-    (train, classes), (test, test_classes) = [find_images(data_dir / name)
-                                              for name in ("train", test_name)]
+                        "images in train/<class>/ and test/<class>/, or empty it for Pet")
+    train, classes = find_images(data_dir / "train")
+    test, test_classes = find_images(data_dir / test_name)
     if classes != test_classes:
-        raise UserError(f"{data_dir}'s train/ and {test_name}/ hold different class folders")
+        only_one = sorted(set(classes) ^ set(test_classes))  # folders that one of them lacks
+        raise UserError(f"{data_dir}: only one of train/ and {test_name}/ holds {only_one}")
     return train, test, classes
 
 def open_pet(data_dir):  # Oxford-IIIT Pet's trainval and test splits, downloaded if need be
@@ -183,7 +183,7 @@ def evaluate(model, images, labels, batch_size=64):  # uint8 images -> mean loss
 
 def lr_at(step, peak, warmup_steps, total_steps):  # a linear warm-up, then a cosine to zero
     if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
+        return peak * (step + 1) / warmup_steps  # from above 0: the first step learns too
     return peak * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps))) / 2
 
 def train(model, train_data, test_data, *, epochs=220, batch_size=8,
@@ -197,9 +197,8 @@ def train(model, train_data, test_data, *, epochs=220, batch_size=8,
     gets all that the run needs to go on, and resume_from=state goes on from there."""
     images, labels = train_data
     # weight matrices decay; biases, norms, the class token and the positions do not
-    named = list(model.named_parameters())
-    decay = [p for name, p in named if name.endswith("weight") and p.ndim > 1]
-    no_decay = [p for name, p in named if not (name.endswith("weight") and p.ndim > 1)]
+    decay = [p for name, p in model.named_parameters() if name.endswith("weight") and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if not any(p is q for q in decay)]
     groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0)]
     optimizer = torch.optim.AdamW(groups, lr)
     # each image: a crop of min_scale..1 of its area (aspect 3/4..4/3), resized back, mirrored
@@ -227,8 +226,7 @@ def train(model, train_data, test_data, *, epochs=220, batch_size=8,
                 group["lr"] = lr_at(epoch * steps + i, lr, warmup_steps, epochs * steps)
             inputs = normalise(torch.stack([augment(image) for image in images[batch]]))
             inputs, targets = mix_batch(inputs, labels[batch])
-            # bf16 matrix multiplies on CUDA, float32 everywhere else
-            with torch.autocast("cuda", torch.bfloat16, enabled=inputs.is_cuda):
+            with torch.autocast("cuda", torch.bfloat16, enabled=inputs.is_cuda):  # bf16 on CUDA
                 loss = F.cross_entropy(model(inputs), targets, label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -293,12 +291,13 @@ def save(checkpoint, path):  # whole or not at all: to a temporary file, then re
 def run(args, path, checkpoint=None):  # train and draw, from scratch or from the checkpoint
     if path.exists() and not checkpoint:
         raise UserError(f"{path} holds a run: go on with --resume, or use another --out-dir")
-    if args.data_dir == os.path.abspath("data"):  # the default folder, where Pet goes
-        os.makedirs(args.data_dir, exist_ok=True)
-    train_set, test_set, classes = open_data(args.data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(exist_ok=bool(checkpoint))  # claimed at once: a second run started here stops
+    # claimed at once (a file made only if none is there): of two runs started here, one stops
+    path.touch(exist_ok=bool(checkpoint))
     try:
+        if args.data_dir == os.path.abspath("data"):  # the default folder, where Pet goes
+            os.makedirs(args.data_dir, exist_ok=True)
+        train_set, test_set, classes = open_data(args.data_dir)
         torch.manual_seed(args.seed)
         model = ViT(num_classes=len(classes), **MODEL).to(args.device)
         print(f"decoding {len(train_set[0])} training and {len(test_set[0])} test images")
@@ -316,7 +315,7 @@ def run(args, path, checkpoint=None):  # train and draw, from scratch or from th
     images, labels = test_data
     plot_patches(images[0], MODEL["patch_size"], path.with_name("patches.png"))
     plot_history(history, path.with_name("loss.png"))
-    shown = torch.linspace(0, len(images) - 1, 4).long()
+    shown = torch.linspace(0, len(images) - 1, 4).long()  # four test images, first to last
     plot_attention(model, images[shown], labels[shown], classes, path.with_name("attention.png"))
     print(f"test accuracy {history['test_acc'][-1]:.1%}, plots and vit.pt in {path.parent}")
 
@@ -342,12 +341,14 @@ def main(argv=None):
     try:  # what a user can cause ends in one line; a bug keeps its traceback
         if not args.resume:
             return run(args, path)
+        if path.stat().st_size == 0:  # claimed by a run that is starting, or was killed
+            raise UserError(f"{path} holds no epoch yet: delete it if no run is starting there")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        # the run's own options, and those typed now (--data-dir, say, if the images moved)
-        resumed = parser.parse_args(argv, argparse.Namespace(**checkpoint["options"]))
-        resumed.out_dir = args.out_dir
-        resumed.device = args.device
-        return run(resumed, path, checkpoint)
+        # the run's options but where it is now; argparse fills in only what a namespace lacks:
+        # what is typed (--data-dir, say, if the images moved), the out-dir, this machine's device
+        saved = {name: value for name, value in checkpoint["options"].items()
+                 if name not in ("out_dir", "device")}
+        return run(parser.parse_args(argv, argparse.Namespace(**saved)), path, checkpoint)
     except KeyboardInterrupt:  # vit.pt, if there, holds the last epoch saved whole
         kept = f"{path} keeps the last whole epoch, --resume goes on"
         print(f"\ninterrupted: {kept if path.exists() else 'nothing saved'}", file=sys.stderr)
