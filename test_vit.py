@@ -1105,22 +1105,59 @@ def test_principal_components_of_the_patch_embedding_are_recovered_up_to_sign():
                                rtol=0)
 
 
-def test_learned_draws_figure_seven_for_a_run(tmp_path, monkeypatch, capsys, tiny):
-    run(tmp_path, "--epochs", "1")
+def test_filter_images_are_the_components_min_max_scaled_as_patches():
+    code = learned()
+    torch.manual_seed(0)
+    model = tiny_vit(patch_size=4, image_size=16, dim=48)  # patches of 4 x 4 x 3 = 48 numbers
+    images = code["filter_images"](model)  # (28, 4, 4, 3)
+    first = code["principal_components"](model.patch_embed.proj.weight.detach())[0]
+    expected = (first - first.min()) / (first.max() - first.min())
+    assert images.shape == (28, 4, 4, 3) and images.min() == 0 and images.max() == 1
+    torch.testing.assert_close(images[0], expected.view(3, 4, 4).permute(1, 2, 0))  # (c, p1, p2)
+
+
+def test_mean_attention_distance_of_a_model_averages_its_kept_weights(tiny):
+    code = learned()
+    torch.manual_seed(0)
+    model = tiny_vit(image_size=32, patch_size=8, depth=2, heads=2).eval()
+    images = fake_data(70)[0]  # two batches of 64 and 6
+    got = code["attention_distances"](model, images)  # (depth, heads)
+    assert not any(block.attn.keep_weights for block in model.blocks)  # the fused kernel again
+    for block in model.blocks:
+        block.attn.keep_weights = True
+    with torch.no_grad():
+        model(vit.normalise(images))
+    distances = code["patch_distances"](4, 8)
+    for depth, block in enumerate(model.blocks):
+        weights = block.attn.weights[:, :, 1:, 1:]
+        weights = weights / weights.sum(-1, keepdim=True)
+        expected = (weights * distances).sum(-1).mean(dim=(0, 2))  # over images and queries
+        torch.testing.assert_close(got[depth], expected)
+
+
+def test_learned_draws_figure_seven_beside_the_runs_own_start(tmp_path, monkeypatch, capsys,
+                                                             tiny):
+    started, train = [], vit.train
+
+    def spy(model, *args, **recipe):  # the run's weights as training begins
+        started.append(copy.deepcopy(model.state_dict()))
+        return train(model, *args, **recipe)
+    monkeypatch.setattr(vit, "train", spy)
+    run(tmp_path, "--epochs", "1", "--seed", "7")
     code = learned()
     code["main"](["--out-dir", str(tmp_path / "out")])
     assert Image.open(tmp_path / "out" / "learned.png").size[0] > 1000
     assert capsys.readouterr().out.endswith(f"wrote {tmp_path / 'out' / 'learned.png'}\n")
-    torch.manual_seed(0)  # the run's seed: the model as it started
     checkpoint = torch.load(tmp_path / "out" / "vit.pt", weights_only=True)
-    started = vit.ViT(**checkpoint["config"])
-    trained = vit.ViT(**checkpoint["config"])
-    trained.load_state_dict(checkpoint["model"])
-    for name, param in started.named_parameters():  # one epoch moved every weight a little
-        assert 0 < (param - trained.get_parameter(name)).abs().max() < 0.1, name
-    images = vit.load_images(vit.open_data(tmp_path / "photos")[1][0], 32)
-    distances = code["attention_distances"](trained, images)
-    assert distances.shape == (2, 2) and ((0 < distances) & (distances < 32 * 2**0.5)).all()
+    models = code["models"](checkpoint)
+    for name, param in models["as it started"].state_dict().items():
+        assert torch.equal(param, started[0][name]), name
+    for name, param in models["trained"].state_dict().items():
+        assert torch.equal(param, checkpoint["model"][name]), name
+    positions = code["patch_positions"](models["trained"])  # 4 x 4 patches, no class token
+    torch.testing.assert_close(positions, checkpoint["model"]["pos_embedding"][0, 1:])
+    with pytest.raises(SystemExit, match="^error: .*vit.pt: FileNotFoundError"):
+        code["main"](["--out-dir", str(tmp_path / "nothing")])
 
 
 # ------------------------------------------------------------------------------------------ GPU
