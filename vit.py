@@ -125,7 +125,7 @@ def load_images(paths, image_size):  # uint8 (n, 3, s, s): resized, centre-cropp
     return torch.stack([resize(read_image(path)) for path in paths])
 
 def find_images(folder):  # (image files, labels) of folder/<class>/ and its subfolders; classes
-    def hidden(path):  # or inside a hidden folder
+    def hidden(path):  # a dot file, or one inside a dot folder
         return any(part.startswith(".") for part in path.relative_to(folder).parts)
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not hidden(d))
     if len(classes) < 2:
@@ -150,7 +150,7 @@ def open_data(data_dir):
     if names <= {"oxford-iiit-pet"}:  # Pet, or nothing yet: Pet goes here
         return open_pet(data_dir)
     test_name = "test" if "test" in names else "val"
-    if not {"train", test_name} <= names:
+    if "train" not in names or test_name not in names:
         raise UserError(f"{data_dir} holds no train/ and test/ (or val/): put each class's "
                         "images in train/<class>/ and test/<class>/, or empty it for Pet")
     train, classes = find_images(data_dir / "train")
